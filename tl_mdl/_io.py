@@ -1,0 +1,75 @@
+"""File helpers shared by every layer: atomic writes, safetensors activation files."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+ACTIVATIONS_KEY = "activations"
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` on a temp file beside ``target``, then ``os.replace`` it into place,
+    so a crash never leaves a half-written ``target``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_activations(activations: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Save ``[N, d_in]`` activations as safetensors with one tensor named ``activations``."""
+    if activations.ndim != 2:
+        raise ValueError(f"activations must be [N, d_in], got shape {tuple(activations.shape)}")
+    path = Path(path)
+    t = {ACTIVATIONS_KEY: activations.detach().contiguous().cpu()}
+    atomic_write(path, lambda p: save_file(t, str(p)))
+    return path
+
+
+def load_activations(paths: str | os.PathLike | list) -> torch.Tensor:
+    """Load one or several safetensors shards (each with an ``activations`` tensor
+    ``[N_i, d_in]``) or a folder of ``*.safetensors`` shards, concatenated along N."""
+    if isinstance(paths, (str, os.PathLike)):
+        p = Path(paths)
+        if p.is_dir():
+            files = sorted(p.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors activation shards in folder {p}")
+        else:
+            files = [p]
+    else:
+        files = [Path(x) for x in paths]
+    parts = []
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"activation file {f} does not exist")
+        try:
+            d = load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{f} is not a readable safetensors file ({e})") from e
+        if ACTIVATIONS_KEY not in d:
+            raise ValueError(
+                f"{f} has tensors {sorted(d)} but no {ACTIVATIONS_KEY!r}; save activations with "
+                "tl_mdl.save_activations"
+            )
+        a = d[ACTIVATIONS_KEY]
+        if a.ndim != 2:
+            raise ValueError(f"{f}: 'activations' must be [N, d_in], got {tuple(a.shape)}")
+        parts.append(a)
+    if len({a.shape[1] for a in parts}) > 1:
+        raise ValueError(f"activation shards disagree on d_in: {[a.shape[1] for a in parts]}")
+    return torch.cat(parts) if len(parts) > 1 else parts[0]

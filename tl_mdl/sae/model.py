@@ -1,0 +1,238 @@
+"""The sparse autoencoder: ReLU, TopK and JumpReLU activations over one shared model."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from tl_mdl._io import atomic_write
+from tl_mdl.sae.config import SAEConfig
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+
+
+class _JumpReLUFn(torch.autograd.Function):
+    """``pre · [pre > θ]`` with a straight-through gradient for θ (Rajamanoharan et al. 2024):
+    d/dθ ≈ -(θ/ε) · K((pre-θ)/ε) with a rectangle kernel K of width ε."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad_out * (pre > threshold)
+        kernel = ((pre - threshold).abs() < eps / 2).to(pre.dtype) / eps
+        grad_threshold = -(threshold * kernel * grad_out)
+        grad_threshold = grad_threshold.reshape(-1, threshold.shape[-1]).sum(0)
+        return grad_pre, grad_threshold, None
+
+
+ActivationFn = Callable[["SAE", Tensor], Tensor]
+
+
+def _relu(sae: SAE, pre: Tensor) -> Tensor:
+    return torch.relu(pre)
+
+
+def _topk(sae: SAE, pre: Tensor) -> Tensor:
+    k = sae.cfg.k
+    assert k is not None
+    values, indices = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+
+
+def _jumprelu(sae: SAE, pre: Tensor) -> Tensor:
+    return _JumpReLUFn.apply(pre, sae.threshold, sae.jumprelu_bandwidth)
+
+
+#: Activation registry: name -> ``fn(sae, pre_acts) -> latents``. Extend with
+#: :func:`register_activation` to add an architecture without forking.
+ACTIVATIONS: dict[str, ActivationFn] = {"relu": _relu, "topk": _topk, "jumprelu": _jumprelu}
+
+
+def register_activation(name: str, fn: ActivationFn, architecture: str | None = None) -> None:
+    """Register a new SAE activation ``fn(sae, pre) -> latents`` under ``name``."""
+    from tl_mdl.sae import config
+
+    ACTIVATIONS[name] = fn
+    arch = architecture or name
+    config.ARCHITECTURE_OF_ACTIVATION[name] = arch
+    config.ACTIVATION_OF_ARCHITECTURE[arch] = name
+
+
+class SAE(nn.Module):
+    """Sparse autoencoder ``x -> f = act((x - b_dec) W_enc + b_enc) -> x̂ = f W_dec + b_dec``.
+
+    Weights: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
+    ``b_dec [d_in]`` (and ``threshold [d_sae]`` for JumpReLU). Saved in SAELens's
+    layout, so one folder loads in tl_mdl and in ``sae_lens.SAE.load_from_disk``.
+    """
+
+    jumprelu_bandwidth: float = 1e-3
+
+    def __init__(self, cfg: SAEConfig, *, seed: int | None = None):
+        super().__init__()
+        if not isinstance(cfg, SAEConfig):
+            raise TypeError(f"SAE needs an SAEConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        if cfg.activation == "jumprelu":
+            self.threshold = nn.Parameter(torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold, **kw))
+        self.reset_parameters(seed)
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Decoder rows uniform on the unit sphere scaled to norm 0.1; encoder = decoderᵀ."""
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(0 if seed is None else seed)
+        w = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=gen, dtype=torch.float64)
+        w = w / w.norm(dim=-1, keepdim=True) * 0.1
+        self.W_dec.copy_(w.to(self.W_dec))
+        self.W_enc.copy_(w.T.to(self.W_enc))
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # ---------------------------------------------------------------- forward
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"input has last dimension {x.shape[-1]} but the SAE has d_in={self.cfg.d_in}; "
+                "pass activations of shape [..., d_in]"
+            )
+
+    def encode_pre(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        """Pre-activations ``(x - b_dec) W_enc + b_enc``."""
+        self._check_input(x)
+        x = x.to(self.W_enc.dtype)
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
+        """The activation function applied to pre-activations."""
+        return ACTIVATIONS[self.cfg.activation](self, pre)
+
+    def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        """Latents ``f = act(encode_pre(x))``."""
+        return self.activation(self.encode_pre(x))
+
+    def decode(self, latents: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+        """Reconstruction ``f W_dec + b_dec``."""
+        if latents.shape[-1] != self.cfg.d_sae:
+            raise ValueError(
+                f"latents have last dimension {latents.shape[-1]} but the SAE has "
+                f"d_sae={self.cfg.d_sae}"
+            )
+        return latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+
+    def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
+        return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        """Scale decoder rows to unit norm, compensating in the encoder so ``forward`` is
+        unchanged for ReLU/TopK SAEs (and JumpReLU thresholds)."""
+        norms = self.W_dec.norm(dim=-1).clamp_min(1e-12)
+        self.W_dec /= norms[:, None]
+        self.W_enc *= norms[None, :]
+        self.b_enc *= norms
+        if self.cfg.activation == "jumprelu":
+            self.threshold *= norms
+
+    # -------------------------------------------------------------- save/load
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``cfg.json`` and ``sae_weights.safetensors`` into folder ``path``
+        (atomically: temp files then rename). Returns the folder."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        atomic_write(path / WEIGHTS_FILENAME, lambda p: save_file(tensors, str(p)))
+        cfg_text = json.dumps(self.cfg.to_dict(), indent=2, sort_keys=True)
+        atomic_write(path / CFG_FILENAME, lambda p: Path(p).write_text(cfg_text))
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, *, device: str | None = None, dtype: str | None = None
+    ) -> SAE:
+        """Load an SAE saved by :meth:`save` (or a SAELens standard/topk/jumprelu save)."""
+        path = Path(path)
+        cfg_path, weights_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
+        for p in (cfg_path, weights_path):
+            if not p.is_file():
+                raise FileNotFoundError(
+                    f"{p} is missing; an SAE folder needs {CFG_FILENAME} and {WEIGHTS_FILENAME} "
+                    "(as written by SAE.save or sae_lens)"
+                )
+        try:
+            cfg_dict = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e}); the file is corrupted") from e
+        if not isinstance(cfg_dict, dict) or "d_in" not in cfg_dict or "d_sae" not in cfg_dict:
+            raise ValueError(f"{cfg_path} is not an SAE config (needs d_in, d_sae, architecture)")
+        if device is not None:
+            cfg_dict["device"] = device
+        if dtype is not None:
+            cfg_dict["dtype"] = dtype
+        cfg = SAEConfig.from_dict(cfg_dict)
+        try:
+            state = load_file(str(weights_path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(
+                f"{weights_path} could not be read ({e}); the file is truncated or not safetensors"
+            ) from e
+        sae = cls(cfg)
+        expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if expected != got:
+            raise ValueError(
+                f"{weights_path} does not match {cfg_path}: expected tensors {expected}, "
+                f"found {got}"
+            )
+        sae.load_state_dict({k: v.to(cfg.torch_dtype) for k, v in state.items()})
+        return sae.to(cfg.device)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        extra = f", k={c.k}" if c.k is not None else ""
+        return f"d_in={c.d_in}, d_sae={c.d_sae}, activation={c.activation!r}{extra}"
+
+
+def identity_sae(d_in: int, *, dtype: str = "float32") -> SAE:
+    """An SAE that reconstructs exactly: ``W_enc = W_dec = I``, ``b = 0`` on inputs ≥ 0
+    (ReLU); used in tests and as a sanity reference."""
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_in, dtype=dtype))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d_in))
+        sae.W_dec.copy_(torch.eye(d_in))
+    return sae
+
+
+__all__ = ["SAE", "ACTIVATIONS", "register_activation", "identity_sae"]
