@@ -1,0 +1,40 @@
+"""Reconstruction losses for the precision search.
+
+``mdl`` is pure math over codes and tensors. A loss reaches the precision search as a
+:data:`LossFn`: ``loss_fn(bin_width)`` returns the loss when the SAE's latents are quantised
+at ``bin_width`` (``None`` = unquantised latents). Model-based losses (CE / KL with the SAE
+spliced into a model) are built by ``tl_mdl.hooks`` and registered here by name with
+:func:`register_model_loss`, so this module never imports a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+#: ``loss_fn(bin_width or None) -> loss`` (FVU, or nats for CE / KL).
+LossFn = Callable[[float | None], float]
+#: ``builder(*, sae, model, hook_name, tokens, **kwargs) -> LossFn``.
+ModelLossBuilder = Callable[..., LossFn]
+
+MODEL_LOSSES: dict[str, ModelLossBuilder] = {}
+
+
+def register_model_loss(name: str, builder: ModelLossBuilder) -> None:
+    """Register a model-based loss (e.g. ``"kl"``, ``"ce"``) for ``description_length``."""
+    MODEL_LOSSES[name] = builder
+
+
+def build_model_loss(name: str, **kwargs: Any) -> LossFn:
+    """Build the registered model-based loss ``name`` (imports ``tl_mdl.hooks`` on demand)."""
+    if name not in MODEL_LOSSES:
+        try:
+            import tl_mdl.hooks  # noqa: F401  (registers "ce" and "kl")
+        except ImportError:
+            pass
+    if name not in MODEL_LOSSES:
+        raise ValueError(
+            f"loss={name!r} is unknown; use 'fvu', a callable bin_width -> loss, or one of the "
+            f"model-based losses {sorted(MODEL_LOSSES)} (these need model=, hook_name=, tokens=)"
+        )
+    return MODEL_LOSSES[name](**kwargs)
