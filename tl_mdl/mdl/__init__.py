@@ -21,8 +21,22 @@ from tl_mdl.mdl.quantize import (
 )
 
 __all__ = [
-    "DEFAULT_TOLERANCE", "DLReport", "description_length", "encode_all", "LossFn",
-    "build_model_loss", "register_model_loss", "SearchResult", "grid_width",
-    "search_bin_width", "FeatureCode", "binary_entropy", "dequantize", "feature_code_stats",
-    "fvu", "latent_description_length", "quantize", "total_variance",
+    "DEFAULT_TOLERANCE",
+    "DLReport",
+    "description_length",
+    "encode_all",
+    "LossFn",
+    "build_model_loss",
+    "register_model_loss",
+    "SearchResult",
+    "grid_width",
+    "search_bin_width",
+    "FeatureCode",
+    "binary_entropy",
+    "dequantize",
+    "feature_code_stats",
+    "fvu",
+    "latent_description_length",
+    "quantize",
+    "total_variance",
 ]

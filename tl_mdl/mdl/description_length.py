@@ -83,9 +83,7 @@ class DLReport:
     def feature_rows(self) -> list[dict[str, float]]:
         """One dict per feature: index, p_active, value_entropy_bits, bits."""
         cols = {k: v.tolist() for k, v in self.features.items()}
-        return [
-            {"feature": i, **{k: cols[k][i] for k in cols}} for i in range(self.d_sae)
-        ]
+        return [{"feature": i, **{k: cols[k][i] for k in cols}} for i in range(self.d_sae)]
 
     def write_feature_csv(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -111,8 +109,10 @@ def encode_all(
 ) -> Float[Tensor, "n d_sae"]:
     """``sae.encode`` over all rows in chunks, on the SAE's device; returns latents there."""
     dev = sae.W_enc.device
-    out = [sae.encode(activations[i : i + batch_size].to(dev))
-           for i in range(0, activations.shape[0], batch_size)]
+    out = [
+        sae.encode(activations[i : i + batch_size].to(dev))
+        for i in range(0, activations.shape[0], batch_size)
+    ]
     return torch.cat(out)
 
 
@@ -159,8 +159,9 @@ def _raw_cost(x: Tensor, tolerance: float) -> tuple[float, float]:
         return float((xd - torch.round(xd / w) * w).pow(2).sum()) / tv
 
     guess = math.sqrt(12 * tolerance * tv / x.numel())
-    res = search_bin_width(inc, tolerance, guess=guess,
-                           saturation_width=2 * float(xd.abs().max()) + 1e-12)
+    res = search_bin_width(
+        inc, tolerance, guess=guess, saturation_width=2 * float(xd.abs().max()) + 1e-12
+    )
     q = torch.round(xd / res.bin_width).to(torch.int64)
     return float(value_entropy(q).sum()), res.bin_width
 
@@ -239,12 +240,14 @@ def description_length(
         increase = fq
     else:
         base = float(loss_fn(None))
+
         def increase(w: float) -> float:
             return float(loss_fn(w)) - base
 
     if bin_width is None:
-        res = search_bin_width(increase, tolerance, guess=fq.guess(tolerance),
-                               saturation_width=saturation)
+        res = search_bin_width(
+            increase, tolerance, guess=fq.guess(tolerance), saturation_width=saturation
+        )
     else:
         w = _check_bin_width(bin_width)
         res = SearchResult(w, float(increase(w)), [])
@@ -261,8 +264,11 @@ def description_length(
     if raw_cost:
         # Same fidelity as the SAE code: the FVU tolerance, or (for model-based losses and
         # fixed widths) the FVU increase the SAE's code actually incurs at w.
-        raw_tol = tolerance if (tolerance is not None and loss_name == "fvu") else max(
-            fvu_quantized - fq.fvu, 1e-6)
+        raw_tol = (
+            tolerance
+            if (tolerance is not None and loss_name == "fvu")
+            else max(fvu_quantized - fq.fvu, 1e-6)
+        )
         raw_bits, raw_w = _raw_cost(x, raw_tol)
     else:
         raw_bits, raw_w = float("nan"), float("nan")

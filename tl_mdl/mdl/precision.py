@@ -71,8 +71,11 @@ def search_bin_width(
             trace.append((w, v))
         return cache[j] <= tolerance
 
-    j_sat = _J_MAX if saturation_width is None else min(_J_MAX, math.ceil(
-        STEPS_PER_OCTAVE * math.log2(max(saturation_width, 1e-300))))
+    j_sat = (
+        _J_MAX
+        if saturation_width is None
+        else min(_J_MAX, math.ceil(STEPS_PER_OCTAVE * math.log2(max(saturation_width, 1e-300))))
+    )
     if not (guess > 0 and math.isfinite(guess)):
         guess = 1.0
     j = min(max(grid_index(guess), _J_MIN), j_sat)

@@ -68,9 +68,7 @@ def total_variance(x: Float[Tensor, "n d"]) -> float:
         raise ValueError("no inputs: activations have N = 0 rows")
     tv = float((x - x.mean(0)).pow(2).sum())
     if tv <= 0:
-        raise ValueError(
-            "activations have zero variance (all inputs identical); FVU is undefined"
-        )
+        raise ValueError("activations have zero variance (all inputs identical); FVU is undefined")
     return tv
 
 
@@ -139,8 +137,12 @@ def feature_code_stats(q: Int[Tensor, "n d_sae"]) -> FeatureCode:
     h = torch.where(counts > 0, p_h / p.clamp_min(1e-300), torch.zeros_like(p_h))
     hb = binary_entropy(p)
     return FeatureCode(
-        n_inputs=n, active_counts=counts, p_active=p, value_entropy_bits=h,
-        presence_bits=hb, bits=hb + p_h,
+        n_inputs=n,
+        active_counts=counts,
+        p_active=p,
+        value_entropy_bits=h,
+        presence_bits=hb,
+        bits=hb + p_h,
     )
 
 

@@ -95,7 +95,9 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, **kw))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
         if cfg.activation == "jumprelu":
-            self.threshold = nn.Parameter(torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold, **kw))
+            self.threshold = nn.Parameter(
+                torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold, **kw)
+            )
         self.reset_parameters(seed)
 
     # ------------------------------------------------------------------ init

@@ -1,0 +1,174 @@
+"""A real entropy coder for integer SAE latent codes, so the description length is honest.
+
+``encode(q)`` writes each feature as the DL formula counts it (DESIGN.md): a presence
+stream (``N`` Bernoulli symbols with probability ``p_i``) and a value stream (the ``c_i``
+nonzero values, categorical with their empirical distribution), all range-coded with
+``constriction``'s ANS coder. The header carries the model (per-feature counts and
+histograms), zlib-compressed, and is reported apart from the payload; a CRC32 guards both.
+For large ``N`` the payload is within ~1% of ``N × latent_description_length(q)`` bits.
+
+Layout: ``MAGIC | u32 crc32(rest) | u64 header_len | u64 payload_words | header | payload``.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import constriction
+import numpy as np
+import torch
+import constriction
+from jaxtyping import Int
+from torch import Tensor
+
+_Categorical = constriction.stream.model.Categorical
+_AnsCoder = constriction.stream.stack.AnsCoder
+
+MAGIC = b"TLMDLC1\n"
+_FIXED = struct.Struct("<IQQ")
+
+
+@dataclass
+class CodecStats:
+    """Sizes of an encoded stream (bits)."""
+
+    n_inputs: int
+    n_features: int
+    header_bits: int
+    payload_bits: int
+
+    @property
+    def total_bits(self) -> int:
+        return self.header_bits + self.payload_bits
+
+    @property
+    def payload_bits_per_input(self) -> float:
+        return self.payload_bits / self.n_inputs
+
+
+def _histograms(q: np.ndarray):
+    """Per feature: active count, distinct nonzero values (sorted) and their counts."""
+    n, f = q.shape
+    rows, cols = np.nonzero(q)
+    vals = q[rows, cols]
+    order = np.lexsort((vals, cols))  # by feature, then value
+    cols_s, vals_s = cols[order], vals[order]
+    counts = np.bincount(cols, minlength=f)
+    if vals_s.size:
+        change = np.ones(vals_s.size, dtype=bool)
+        change[1:] = (cols_s[1:] != cols_s[:-1]) | (vals_s[1:] != vals_s[:-1])
+        starts = np.flatnonzero(change)
+        uniq_vals = vals_s[starts]
+        uniq_cols = cols_s[starts]
+        uniq_counts = np.diff(np.append(starts, vals_s.size))
+    else:
+        uniq_vals = uniq_cols = uniq_counts = np.zeros(0, dtype=np.int64)
+    n_distinct = np.bincount(uniq_cols, minlength=f)
+    return counts, n_distinct, uniq_vals.astype(np.int64), uniq_counts.astype(np.int64)
+
+
+def _bernoulli(c: int, n: int) -> _Categorical:
+    return _Categorical(np.array([n - c, c], dtype=np.float64), perfect=False)
+
+
+def encode(q: Int[Tensor, "n d_sae"]) -> bytes:
+    """Entropy-code an integer latent code ``q [N, F]`` into bytes (see module docstring)."""
+    if not isinstance(q, Tensor) or q.ndim != 2:
+        raise ValueError(
+            f"q must be an integer tensor of shape [N, F], got {getattr(q, 'shape', q)}"
+        )
+    if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
+        raise TypeError(f"q must be integer (got {q.dtype}); use tl_mdl.quantize(latents, w)")
+    qn = q.detach().cpu().to(torch.int64).numpy()
+    n, f = qn.shape
+    if n == 0:
+        raise ValueError("q has N = 0 inputs; nothing to encode")
+    counts, n_distinct, uvals, ucounts = _histograms(qn)
+    offsets = np.concatenate([[0], np.cumsum(n_distinct)])
+    coder = _AnsCoder()
+    active_mask = qn != 0
+    for i in reversed(range(f)):
+        c = int(counts[i])
+        k = int(n_distinct[i])
+        if k > 1:  # value stream: indices into this feature's sorted distinct values
+            vals_i = uvals[offsets[i] : offsets[i + 1]]
+            col = qn[:, i]
+            idx = np.searchsorted(vals_i, col[col != 0]).astype(np.int32)
+            model = _Categorical(
+                ucounts[offsets[i] : offsets[i + 1]].astype(np.float64), perfect=False
+            )
+            coder.encode_reverse(idx, model)
+        if 0 < c < n:  # presence stream
+            coder.encode_reverse(active_mask[:, i].astype(np.int32), _bernoulli(c, n))
+    payload = coder.get_compressed().astype("<u4").tobytes()
+    header = zlib.compress(
+        np.concatenate([[n, f], counts, n_distinct, uvals, ucounts]).astype("<i8").tobytes(), 9
+    )
+    body = _FIXED.pack(0, len(header), len(payload) // 4)[4:] + header + payload
+    return MAGIC + struct.pack("<I", zlib.crc32(body)) + body
+
+
+def _parse(data: bytes):
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes from tl_mdl.codec.encode, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) < len(MAGIC) + _FIXED.size or not data.startswith(MAGIC):
+        raise ValueError("not a tl_mdl latent code (bad magic); was it written by codec.encode?")
+    crc, header_len, n_words = _FIXED.unpack_from(data, len(MAGIC))
+    body = data[len(MAGIC) + 4 :]
+    expected = 16 + header_len + 4 * n_words
+    if len(body) != expected:
+        raise ValueError(
+            f"latent code is truncated or padded: {len(body)} body bytes, expected {expected}"
+        )
+    if zlib.crc32(body) != crc:
+        raise ValueError("latent code is corrupted (CRC32 mismatch)")
+    header = np.frombuffer(zlib.decompress(body[16 : 16 + header_len]), dtype="<i8")
+    payload = np.frombuffer(body[16 + header_len :], dtype="<u4").astype(np.uint32)
+    return header, payload, header_len
+
+
+def inspect(data: bytes) -> CodecStats:
+    """Header and payload sizes of an encoded stream."""
+    header, payload, header_len = _parse(data)
+    fixed = len(MAGIC) + _FIXED.size
+    return CodecStats(int(header[0]), int(header[1]), 8 * (header_len + fixed), 32 * payload.size)
+
+
+def decode(data: bytes) -> Int[Tensor, "n d_sae"]:
+    """Inverse of :func:`encode`: returns the exact integer code ``q [N, F]`` (int64)."""
+    header, payload, _ = _parse(data)
+    n, f = int(header[0]), int(header[1])
+    counts = header[2 : 2 + f]
+    n_distinct = header[2 + f : 2 + 2 * f]
+    total = int(n_distinct.sum())
+    uvals = header[2 + 2 * f : 2 + 2 * f + total]
+    ucounts = header[2 + 2 * f + total : 2 + 2 * f + 2 * total]
+    offsets = np.concatenate([[0], np.cumsum(n_distinct)])
+    coder = _AnsCoder(payload)
+    q = np.zeros((n, f), dtype=np.int64)
+    for i in range(f):
+        c, k = int(counts[i]), int(n_distinct[i])
+        if c == 0:
+            continue
+        if c == n:
+            active = np.ones(n, dtype=bool)
+        else:
+            active = coder.decode(_bernoulli(c, n), n).astype(bool)
+        vals_i = uvals[offsets[i] : offsets[i + 1]]
+        if k > 1:
+            model = _Categorical(
+                ucounts[offsets[i] : offsets[i + 1]].astype(np.float64), perfect=False
+            )
+            idx = coder.decode(model, c)
+            q[active, i] = vals_i[idx]
+        else:
+            q[active, i] = vals_i[0]
+    if not coder.is_empty():
+        raise ValueError("latent code has trailing payload; the stream is corrupted")
+    return torch.from_numpy(q)
+
+
+__all__ = ["encode", "decode", "inspect", "CodecStats", "MAGIC"]
