@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import constriction
 import numpy as np
 import torch
-import constriction
 from jaxtyping import Int
 from torch import Tensor
 
