@@ -1,0 +1,430 @@
+"""Attach an SAE to any TransformerLens hook point: splice, splice with error term, observe.
+
+``attach_sae(model, hook_name, sae, mode=...)`` leaves the model's own ``HookPoint`` object
+in place. It registers one forward hook on it (prepended, outside TransformerLens's hook
+bookkeeping, so ``model.reset_hooks()`` never removes it) and adds six child ``HookPoint``s
+named like SAELens's, so ``f"{hook_name}.hook_sae_acts_post"`` appears in ``model.hook_dict``,
+``run_with_cache`` and ``run_with_hooks``. Detaching removes both and calls ``model.setup()``,
+which gives back the same ``hook_dict`` (same names, same objects) and bitwise-equal logits.
+
+What flows downstream of ``hook_name`` (and what hooks on ``hook_name`` itself see):
+
+* ``"splice"``: ``x̂ = decode(encode(x))``.
+* ``"splice_error"``: ``x̂ + (x − x̂)``; with no hooks inside the SAE this is ``x`` bitwise,
+  and gradients reach the latents. With hooks inside, the error term comes from a clean,
+  hook-free pass (as in SAELens), so interventions on latents change the output.
+* ``"observe"``: ``x`` untouched; the latents are computed, fire their hook points, and the
+  last batch is kept on ``handle.latents``.
+
+Head-indexed hooks (``attn.hook_z`` ``[batch, pos, n_heads, d_head]``) are flattened to
+``n_heads·d_head`` before the SAE, like SAELens (an SAE with ``d_in = d_head`` is applied
+per head instead). ``hook_sae_input``/``acts``/``recons`` carry the flattened shape;
+``hook_sae_error`` and ``hook_sae_output`` the hook's own shape.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from tl_mdl.sae import SAE
+
+MODES = ("splice", "splice_error", "observe")
+SAE_HOOK_NAMES = (
+    "hook_sae_input",
+    "hook_sae_acts_pre",
+    "hook_sae_acts_post",
+    "hook_sae_recons",
+    "hook_sae_error",
+    "hook_sae_output",
+)
+_INNER = SAE_HOOK_NAMES[:4]  # hook points whose hooks may intervene on the SAE's code
+#: Decode through a gather (``embedding_bag``) instead of a dense GEMM when at most this
+#: fraction of the latents is nonzero.
+SPARSE_DECODE_MAX_DENSITY = 0.05
+
+_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+# --------------------------------------------------------------------------- helpers
+def hook_layer(hook_name: str) -> int | None:
+    """Block index of ``blocks.{L}.…`` hook names, ``-1`` for the embedding hooks, ``None``
+    for hooks after the last block (``ln_final``, ``unembed``)."""
+    m = _LAYER_RE.match(hook_name)
+    if m:
+        return int(m.group(1))
+    if hook_name.startswith(("hook_embed", "hook_pos_embed", "hook_tokens")):
+        return -1
+    return None
+
+
+def check_hook_name(model: Any, hook_name: str) -> None:
+    """Raise ``ValueError`` naming close matches when ``hook_name`` is not a model hook point."""
+    if not isinstance(hook_name, str):
+        raise TypeError(
+            f"hook_name must be a str like 'blocks.0.hook_resid_pre', got {hook_name!r}"
+        )
+    if hook_name in model.hook_dict:
+        return
+    names = sorted(model.hook_dict)
+    close = difflib.get_close_matches(hook_name, names, n=5, cutoff=0.6)
+    n_layers = getattr(model.cfg, "n_layers", "?")
+    hint = f"; did you mean {close}?" if close else ""
+    raise ValueError(
+        f"hook {hook_name!r} is not a hook point of this model (n_layers={n_layers}){hint} "
+        f"Valid names are the keys of model.hook_dict, e.g. {names[:6]}"
+    )
+
+
+def expected_hook_shape(model: Any, hook_name: str) -> tuple[int, ...] | None:
+    """Trailing activation dims at ``hook_name`` from the model config (``None`` if unknown)."""
+    cfg = model.cfg
+    last = hook_name.rsplit(".", 1)[-1]
+    n_heads, d_head = cfg.n_heads, cfg.d_head
+    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
+    if last in ("hook_z", "hook_q", "hook_rot_q"):
+        return (n_heads, d_head)
+    if last in ("hook_k", "hook_v", "hook_rot_k"):
+        return (n_kv, d_head)
+    if last == "hook_result":
+        return (n_heads, cfg.d_model)
+    if last in ("hook_pattern", "hook_attn_scores"):
+        return ()
+    if ".mlp." in hook_name and last in ("hook_pre", "hook_post", "hook_pre_linear"):
+        return (cfg.d_mlp,) if cfg.d_mlp else None
+    if last in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
+                "hook_mlp_out", "hook_embed", "hook_pos_embed", "hook_mlp_in"):
+        return (cfg.d_model,)
+    return None
+
+
+def flatten_heads(x: Tensor, d_in: int, hook_name: str = "?") -> Tensor:
+    """``[..., d_in]`` unchanged; ``[..., n_heads, d_head]`` with ``n_heads·d_head = d_in``
+    flattened to ``[..., d_in]`` (SAELens's hook_z convention)."""
+    if x.shape[-1] == d_in:
+        return x
+    if x.ndim >= 2 and x.shape[-2] * x.shape[-1] == d_in:
+        return x.flatten(-2)
+    raise ValueError(
+        f"activation at {hook_name!r} has shape {tuple(x.shape)}, which fits neither an SAE "
+        f"with d_in={d_in} on the last dim nor on the flattened heads "
+        f"(n_heads·d_head = {x.shape[-2] * x.shape[-1] if x.ndim >= 2 else 'n/a'})"
+    )
+
+
+def is_sae_lens_sae(sae: Any) -> bool:
+    mod = sys.modules.get("sae_lens")
+    return mod is not None and isinstance(sae, mod.SAE)
+
+
+def sae_param(sae: Any) -> Tensor:
+    return sae.W_enc
+
+
+def _model_dtype_device(model: Any) -> tuple[torch.dtype, torch.device]:
+    p = next(model.parameters(), None)
+    if p is None:
+        return model.cfg.dtype, torch.device(model.cfg.device or "cpu")
+    return p.dtype, p.device
+
+
+def check_sae_fits(model: Any, hook_name: str, sae: Any) -> None:
+    """Validate SAE type, ``d_in`` against the hook's shape, dtype and device."""
+    if not (isinstance(sae, SAE) or is_sae_lens_sae(sae)):
+        raise TypeError(
+            f"sae must be a tl_mdl.SAE or a sae_lens.SAE, got {type(sae).__name__}"
+        )
+    d_in = sae.cfg.d_in
+    shape = expected_hook_shape(model, hook_name)
+    if shape == ():
+        raise ValueError(
+            f"hook {hook_name!r} carries attention patterns/scores [batch, head, q, k], not "
+            "[..., d_in] activations; attach SAEs to residual, hook_z, mlp or *_out hooks"
+        )
+    if shape is not None:
+        valid = {shape[-1]} | ({shape[-2] * shape[-1]} if len(shape) >= 2 else set())
+        if d_in not in valid:
+            dims = " x ".join(map(str, shape))
+            raise ValueError(
+                f"SAE d_in={d_in} does not fit hook {hook_name!r} with activations [..., {dims}]; "
+                f"valid d_in: {sorted(valid)}"
+                + (" (heads flattened, like SAELens, or one head)" if len(shape) >= 2 else "")
+            )
+    m_dtype, m_device = _model_dtype_device(model)
+    p = sae_param(sae)
+    if p.dtype != m_dtype:
+        raise TypeError(
+            f"SAE dtype {p.dtype} differs from model dtype {m_dtype}; convert one of them, "
+            f"e.g. sae.to({m_dtype})"
+        )
+    if p.device.type != m_device.type or (
+        p.device.index is not None and m_device.index is not None and p.device != m_device
+    ):
+        raise ValueError(
+            f"SAE is on device {p.device} but the model is on {m_device}; move it with "
+            f"sae.to({str(m_device)!r})"
+        )
+
+
+# ------------------------------------------------------------------- sparse decoding
+def sparse_decode(
+    indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Tensor | None = None
+) -> Tensor:
+    """``Σ_j values[n, j] · W_dec[indices[n, j]] (+ b_dec)`` for ``[N, k]`` codes: the decode of
+    a code with ``k`` nonzeros per row, without materialising ``[N, d_sae]``."""
+    out = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+    return out if b_dec is None else out + b_dec
+
+
+def decode_maybe_sparse(
+    acts: Float[Tensor, "n d_sae"], W_dec: Tensor, b_dec: Tensor
+) -> Float[Tensor, "n d_in"]:
+    """``acts @ W_dec + b_dec``; when the code is sparse (density ≤
+    :data:`SPARSE_DECODE_MAX_DENSITY`) and no gradient is needed, through a gather of the
+    active decoder rows. Same value up to float summation order."""
+    n, f = acts.shape
+    if (
+        n == 0
+        or (torch.is_grad_enabled() and (acts.requires_grad or W_dec.requires_grad))
+        or acts.device.type != "cpu"
+    ):
+        return torch.addmm(b_dec, acts, W_dec)
+    nnz = int(torch.count_nonzero(acts))
+    if nnz > SPARSE_DECODE_MAX_DENSITY * n * f:
+        return torch.addmm(b_dec, acts, W_dec)
+    rows, cols = acts.nonzero(as_tuple=True)
+    offsets = torch.searchsorted(rows, torch.arange(n, device=rows.device))
+    out = F.embedding_bag(cols, W_dec, offsets, per_sample_weights=acts[rows, cols], mode="sum")
+    return out + b_dec
+
+
+# ------------------------------------------------------------------------- kernels
+def has_hooks(hp: nn.Module) -> bool:
+    """Whether calling ``hp`` would run any user hook (forward, pre-forward or backward)."""
+    return bool(hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks)
+
+
+def _fire(hp: HookPoint, x: Tensor, use_hooks: bool) -> Tensor:
+    return hp(x) if use_hooks and has_hooks(hp) else x
+
+
+class _Kernel:
+    """SAE computation through its hook points: ``run(x) -> (latents | None, recons | None)``.
+    ``latents`` is ``None`` only when it was never materialised (TopK fast path)."""
+
+    def __init__(self, sae: Any, hooks: dict[str, HookPoint]):
+        self.sae, self.hooks = sae, hooks
+
+    def run(
+        self, x: Tensor, *, use_hooks: bool = True, need_acts: bool = False,
+        need_recons: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        raise NotImplementedError
+
+
+class _TlMdlKernel(_Kernel):
+    sae: SAE
+
+    def run(self, x, *, use_hooks=True, need_acts=False, need_recons=True):
+        sae, h = self.sae, self.hooks
+        lead = x.shape[:-1]
+        x = _fire(h["hook_sae_input"], x, use_hooks)
+        pre = _fire(h["hook_sae_acts_pre"], sae.encode_pre(x), use_hooks)
+        need_grad = torch.is_grad_enabled() and (pre.requires_grad or sae.W_dec.requires_grad)
+        acts: Tensor | None = None
+        recons: Tensor | None = None
+        if (
+            sae.cfg.activation == "topk" and need_recons and not need_acts and not need_grad
+            and not (use_hooks and has_hooks(h["hook_sae_acts_post"]))
+            and pre.device.type == "cpu"
+        ):
+            # TopK fast path: decode the k winners directly, never build [N, d_sae].
+            values, indices = pre.reshape(-1, pre.shape[-1]).topk(sae.cfg.k, dim=-1, sorted=False)
+            recons = sparse_decode(indices, values.relu(), sae.W_dec, sae.b_dec)
+        else:
+            acts = _fire(h["hook_sae_acts_post"], sae.activation(pre), use_hooks)
+            if need_recons:
+                flat = acts.reshape(-1, acts.shape[-1]).to(sae.W_dec.dtype)
+                recons = decode_maybe_sparse(flat, sae.W_dec, sae.b_dec)
+        if recons is not None:
+            recons = _fire(h["hook_sae_recons"], recons.reshape(*lead, -1), use_hooks)
+        return acts, recons
+
+
+class _SAELensKernel(_Kernel):
+    """Runs a ``sae_lens.SAE`` through its own ``encode``/``decode``, which fire its own hook
+    points; those are the ones exposed under the model's hook name (as SAELens does)."""
+
+    def run(self, x, *, use_hooks=True, need_acts=False, need_recons=True):
+        if use_hooks:
+            acts = self.sae.encode(x)
+            return acts, (self.sae.decode(acts) if need_recons else None)
+        from sae_lens.saes.sae import _disable_hooks
+
+        with _disable_hooks(self.sae):
+            acts = self.sae.encode(x)
+            return acts, (self.sae.decode(acts) if need_recons else None)
+
+
+# ------------------------------------------------------------------------- handle
+class SAEHandle:
+    """An SAE attached to one hook point. Context manager; :meth:`detach` restores the model.
+
+    Attributes:
+        model, hook_name, sae, mode: what was attached where.
+        hook_points: ``{name: HookPoint}`` for the six ``hook_sae_*`` points.
+        latents: in ``"observe"`` mode, the latents of the last forward (flattened heads).
+    """
+
+    def __init__(self, model: Any, hook_name: str, sae: Any, mode: str):
+        self.model, self.hook_name, self.sae, self.mode = model, hook_name, sae, mode
+        self.latents: Tensor | None = None
+        self.attached = False
+        self._hp: HookPoint = model.hook_dict[hook_name]
+        self._saelens = is_sae_lens_sae(sae)
+        if self._saelens:
+            # SAELens's own hook points stay the ones its encode/decode fire.
+            self.hook_points = {n: getattr(sae, n) for n in _INNER}
+            self.hook_points["hook_sae_error"] = HookPoint()
+            self.hook_points["hook_sae_output"] = HookPoint()
+            self._saved_names = {n: hp.name for n, hp in self.hook_points.items()}
+            self._reshapes = bool(getattr(sae, "hook_z_reshaping_mode", False))
+            self._kernel: _Kernel = _SAELensKernel(sae, self.hook_points)
+        else:
+            self.hook_points = {n: HookPoint() for n in SAE_HOOK_NAMES}
+            self._saved_names = {}
+            self._reshapes = False
+            self._kernel = _TlMdlKernel(sae, self.hook_points)
+        self._torch_handle: Any = None
+
+    # -- attach / detach
+    def _attach(self) -> SAEHandle:
+        hp = self._hp
+        clash = [n for n in SAE_HOOK_NAMES if n in hp._modules]
+        if clash:
+            raise RuntimeError(
+                f"an SAE is already attached at {self.hook_name!r}; detach it first "
+                "(handle.detach() or leave its `with` block)"
+            )
+        for name, point in self.hook_points.items():
+            hp.add_module(name, point)
+        self._torch_handle = hp.register_forward_hook(self._forward_hook, prepend=True)
+        self.attached = True
+        self.model.setup()
+        return self
+
+    def detach(self) -> None:
+        """Remove the SAE; the model's ``hook_dict`` and outputs are as before attaching."""
+        if not self.attached:
+            return
+        self.attached = False
+        if self._torch_handle is not None:
+            self._torch_handle.remove()
+            self._torch_handle = None
+        for name in self.hook_points:
+            self._hp._modules.pop(name, None)
+        for name, old in self._saved_names.items():
+            self.hook_points[name].name = old
+        self.latents = None
+        self.model.setup()
+
+    def __enter__(self) -> SAEHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "detached"
+        return f"SAEHandle({self.hook_name!r}, mode={self.mode!r}, {state})"
+
+    # -- the forward hook on the model's HookPoint
+    def _to_sae_shape(self, x: Tensor) -> Tensor:
+        if self._reshapes:
+            return x  # SAELens flattens hook_z itself
+        return flatten_heads(x, self.sae.cfg.d_in, self.hook_name)
+
+    def _forward_hook(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
+        x = output
+        h = self.hook_points
+        x_sae = self._to_sae_shape(x)
+
+        def back(t: Tensor) -> Tensor:  # SAE shape -> the hook's own shape and dtype
+            return (t if t.shape == x.shape else t.reshape(x.shape)).to(x.dtype)
+
+        if self.mode == "observe":
+            tail = any(has_hooks(h[n]) for n in SAE_HOOK_NAMES[3:])
+            acts, recons = self._kernel.run(x_sae, need_acts=True, need_recons=tail)
+            if recons is not None:
+                if has_hooks(h["hook_sae_error"]):
+                    h["hook_sae_error"](x - back(recons).detach())
+                if has_hooks(h["hook_sae_output"]):
+                    h["hook_sae_output"](x)
+            self.latents = acts
+            return None
+
+        _, recons = self._kernel.run(x_sae)
+        assert recons is not None
+        recons = back(recons)
+        if self.mode == "splice":
+            if has_hooks(h["hook_sae_error"]):
+                h["hook_sae_error"](x - recons.detach())
+            return h["hook_sae_output"](recons)
+        # splice_error
+        intervened = any(has_hooks(h[n]) for n in _INNER)
+        if intervened:
+            with torch.no_grad():
+                _, clean = self._kernel.run(x_sae, use_hooks=False)
+            assert clean is not None
+            error = x.detach() - back(clean)
+        else:
+            error = (x - recons).detach()
+        if not intervened and not has_hooks(h["hook_sae_error"]):
+            # == x bitwise. As in SAELens the error term is a constant: gradients reach the
+            # latents, and flow upstream only through the SAE.
+            out = x.detach() + (recons - recons.detach())
+        else:
+            out = recons + h["hook_sae_error"](error)
+        return h["hook_sae_output"](out)
+
+
+def attach_sae(
+    model: Any, hook_name: str, sae: Any, *, mode: str = "splice"
+) -> SAEHandle:
+    """Attach ``sae`` at ``model``'s hook point ``hook_name``.
+
+    Args:
+        model: a TransformerLens ``HookedTransformer`` (or any ``HookedRootModule``).
+        hook_name: a key of ``model.hook_dict`` (``blocks.0.hook_resid_pre``,
+            ``blocks.1.attn.hook_z``, ``blocks.0.mlp.hook_post``, …).
+        sae: a ``tl_mdl.SAE`` or a ``sae_lens.SAE`` with ``d_in`` equal to the hook's last
+            dim (or ``n_heads·d_head`` for head-indexed hooks), same dtype and device.
+        mode: ``"splice"`` (activation ← ``x̂``), ``"splice_error"`` (``x̂ + error``: output
+            unchanged, latents in the graph) or ``"observe"`` (activation untouched).
+
+    Returns:
+        An :class:`SAEHandle`: use as ``with attach_sae(...) as h:`` or call ``h.detach()``.
+        The SAE's hook points are ``f"{hook_name}.hook_sae_{input,acts_pre,acts_post,recons,
+        error,output}"``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is unknown; use one of {list(MODES)}")
+    check_hook_name(model, hook_name)
+    if isinstance(model.hook_dict[hook_name], HookPoint) and any(
+        n in model.hook_dict[hook_name]._modules for n in SAE_HOOK_NAMES
+    ):
+        raise RuntimeError(
+            f"an SAE is already attached at {hook_name!r}; detach it first "
+            "(handle.detach() or leave its `with` block)"
+        )
+    check_sae_fits(model, hook_name, sae)
+    return SAEHandle(model, hook_name, sae, mode)._attach()
+
