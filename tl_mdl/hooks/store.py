@@ -1,0 +1,395 @@
+"""Activation store: harvest several hook points of a model in one forward pass per batch,
+keep them in memory or in safetensors shards on disk, and serve shuffled ``[B, d_in]`` batches.
+
+Layout of ``cache_dir`` (reused when the tokens, hooks and model match)::
+
+    cache_dir/meta.json                            fingerprint, hooks, shard sizes
+    cache_dir/<hook_name>/shard_00000.safetensors   one tensor "activations" [rows, d_in]
+
+Each hook's folder loads with ``tl_mdl.load_activations(cache_dir / hook_name)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_mdl._io import atomic_write, load_activations, save_activations
+from tl_mdl.hooks.attach import check_hook_name, expected_hook_shape, hook_layer
+
+META_FILENAME = "meta.json"
+
+
+def stop_layer_for(model: Any, hook_names: list[str]) -> int | None:
+    """The ``stop_at_layer`` that still runs every hook in ``hook_names`` (``None`` = the
+    whole model, for hooks after the last block)."""
+    layers = [hook_layer(h) for h in hook_names]
+    if any(layer is None for layer in layers):
+        return None
+    return max(layers) + 1  # type: ignore[type-var,operator]
+
+
+def as_token_windows(tokens: Tensor, context_size: int | None, n_ctx: int) -> Tensor:
+    """``[n_seq, L]`` or ``[n_tokens]`` token ids -> ``[n_windows, context_size]`` (rows split
+    into consecutive windows, the ragged tail dropped). Raises if a window exceeds ``n_ctx``."""
+    if not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.is_complex():
+        raise TypeError(
+            f"tokens must be an integer Tensor [n_seq, seq_len] or [n_tokens], got "
+            f"{type(tokens).__name__}{'' if not isinstance(tokens, Tensor) else ' ' + str(tokens.dtype)}"
+        )
+    if tokens.ndim not in (1, 2):
+        raise ValueError(f"tokens must be [n_seq, seq_len] or [n_tokens], got {tuple(tokens.shape)}")
+    if context_size is None:
+        if tokens.ndim == 1:
+            raise ValueError("1-D token streams need context_size= to cut them into sequences")
+        context_size = tokens.shape[1]
+    if not isinstance(context_size, int) or context_size <= 0:
+        raise ValueError(f"context_size must be a positive int, got {context_size!r}")
+    if context_size > n_ctx:
+        raise ValueError(
+            f"context_size={context_size} exceeds the model's n_ctx={n_ctx}; use "
+            f"context_size <= {n_ctx} (longer rows are split into windows of that size)"
+        )
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    n_win = tokens.shape[1] // context_size
+    if n_win == 0:
+        raise ValueError(
+            f"sequences of length {tokens.shape[1]} are shorter than context_size={context_size}"
+        )
+    windows = tokens[:, : n_win * context_size].reshape(-1, context_size)
+    return windows
+
+
+def _flat(act: Tensor) -> Tensor:
+    """``[batch, pos, ..., d]`` -> ``[batch·pos, prod(rest)]`` (heads flattened like SAELens)."""
+    return act.reshape(act.shape[0] * act.shape[1], -1)
+
+
+def harvest_batch(
+    model: Any, tokens: Int[Tensor, "batch pos"], hook_names: list[str],
+    stop_at_layer: int | None = None,
+) -> dict[str, Float[Tensor, "rows d_in"]]:
+    """One forward pass (stopped after the last needed block) caching ``hook_names``,
+    each flattened to ``[batch·pos, d_in]``."""
+    got: dict[str, Tensor] = {}
+
+    def save(act: Tensor, hook: Any) -> None:
+        got[hook.name] = _flat(act.detach())
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(h, save) for h in hook_names]):
+        model(tokens, stop_at_layer=stop_at_layer, return_type=None)
+    missing = [h for h in hook_names if h not in got]
+    if missing:
+        raise RuntimeError(f"hooks {missing} did not fire during the forward pass")
+    return got
+
+
+def _safe_dirname(hook_name: str) -> str:
+    return hook_name.replace(os.sep, "_")
+
+
+class _HookView:
+    """Iterable of shuffled ``[batch_size, d_in]`` batches of one hook of a store."""
+
+    def __init__(self, store: ActivationStore, hook_name: str):
+        self.store, self.hook_name = store, hook_name
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self.store._batches(self.hook_name)
+
+    def __len__(self) -> int:
+        return self.store._n_batches()
+
+    @property
+    def d_in(self) -> int:
+        return self.store.d_in(self.hook_name)
+
+    def activations(self) -> Tensor:
+        return self.store.activations(self.hook_name)
+
+    def __repr__(self) -> str:
+        return f"ActivationStore[{self.hook_name!r}]"
+
+
+class ActivationStore:
+    """Harvest activations at ``hook_names`` of ``model`` on ``tokens`` and serve them.
+
+    With one hook name the store itself iterates over shuffled ``[batch_size, d_in]`` tensors
+    (what ``train_sae`` / ``sweep`` accept); with several, ``store[hook_name]`` is that
+    iterable for one hook. ``store.activations(hook_name)`` is all of them, ``[N, d_in]`` with
+    ``N = n_windows · context_size``, in token order. Every pass over the data reshuffles.
+
+    Args:
+        model: a ``HookedTransformer``.
+        hook_names: one hook name or a list; all are harvested in the same forward pass, which
+            stops after the last block any of them needs.
+        tokens: ``[n_seq, seq_len]`` (or a 1-D stream) of token ids; rows are cut into
+            windows of ``context_size`` (``<= model.cfg.n_ctx``).
+        batch_size: rows per served batch.
+        context_size: tokens per forward sequence (default: ``seq_len``).
+        model_batch_size: sequences per forward pass.
+        buffer_size: rows in the shuffling buffer (default: everything in memory; 64
+            batches when streaming from ``cache_dir``). Half the buffer is served per refill.
+        shuffle, seed: shuffle rows (and shard order) with a seeded generator.
+        drop_last: drop the final partial batch of each pass.
+        cache_dir: folder for safetensors shards; reused when tokens, hooks and model match.
+        dtype, device: storage dtype (default: the model's) and device (default ``"cpu"``).
+        progress: show a tqdm bar while harvesting.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        hook_names: str | list[str],
+        tokens: Int[Tensor, "n_seq seq_len"],
+        *,
+        batch_size: int = 4096,
+        context_size: int | None = None,
+        model_batch_size: int = 8,
+        buffer_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        progress: bool = True,
+    ):
+        names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
+        if not names:
+            raise ValueError("hook_names is empty; pass at least one hook name")
+        if len(set(names)) != len(names):
+            raise ValueError(f"hook_names has duplicates: {names}")
+        for h in names:
+            check_hook_name(model, h)
+            if expected_hook_shape(model, h) == ():
+                raise ValueError(
+                    f"hook {h!r} carries attention patterns [batch, head, q, k], not [..., d] "
+                    "activations; choose residual, hook_z, mlp or *_out hooks"
+                )
+        for name, v in (("batch_size", batch_size), ("model_batch_size", model_batch_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.model = model
+        self.hook_names = names
+        self.tokens = as_token_windows(tokens, context_size, model.cfg.n_ctx)
+        self.context_size = self.tokens.shape[1]
+        self.batch_size = batch_size
+        self.model_batch_size = model_batch_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.buffer_size = buffer_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.progress = progress
+        self.stop_at_layer = stop_layer_for(model, names)
+        self._memory: dict[str, list[Tensor]] | None = None
+        self._shard_rows: list[int] | None = None
+        self._d_in: dict[str, int] = {}
+        self._epoch = 0
+
+    # ----------------------------------------------------------------- harvesting
+    @property
+    def n_tokens(self) -> int:
+        """Number of activation rows per hook (``n_windows · context_size``)."""
+        return self.tokens.numel()
+
+    def _model_batches(self) -> Iterator[Tensor]:
+        dev = getattr(self.model.cfg, "device", None) or "cpu"
+        for i in range(0, self.tokens.shape[0], self.model_batch_size):
+            yield self.tokens[i : i + self.model_batch_size].to(dev)
+
+    def _store(self, act: Tensor) -> Tensor:
+        return act.to(device=self.device, dtype=self.dtype or act.dtype)
+
+    def _harvest_iter(self) -> Iterator[dict[str, Tensor]]:
+        n = -(-self.tokens.shape[0] // self.model_batch_size)
+        bar = tqdm(self._model_batches(), total=n, disable=not self.progress,
+                   desc=f"harvest {len(self.hook_names)} hook(s)", leave=False)
+        for toks in bar:
+            acts = harvest_batch(self.model, toks, self.hook_names, self.stop_at_layer)
+            yield {h: self._store(a) for h, a in acts.items()}
+
+    def fingerprint(self) -> str:
+        """Hash of what the cached activations depend on: tokens, windows, hooks, dtype and
+        the model (config and a checksum of every parameter)."""
+        h = hashlib.sha256()
+        h.update(self.tokens.to(torch.int64).cpu().numpy().tobytes())
+        h.update(json.dumps([self.hook_names, self.context_size, self.model_batch_size,
+                             str(self.dtype)]).encode())
+        h.update(repr(self.model.cfg).encode())
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                h.update(name.encode())
+                h.update(repr(float(p.double().sum())).encode())
+        return h.hexdigest()
+
+    def _meta_path(self) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / META_FILENAME
+
+    def _shard_path(self, hook: str, i: int) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / _safe_dirname(hook) / f"shard_{i:05d}.safetensors"
+
+    def _cache_valid(self, fp: str) -> bool:
+        meta_path = self._meta_path()
+        if not meta_path.is_file():
+            return False
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        if meta.get("fingerprint") != fp:
+            return False
+        rows = meta.get("shard_rows", [])
+        ok = all(self._shard_path(h, i).is_file() for h in self.hook_names for i in range(len(rows)))
+        if ok:
+            self._shard_rows = rows
+            self._d_in.update(meta.get("d_in", {}))
+        return ok
+
+    def harvest(self) -> ActivationStore:
+        """Run the model over all tokens once (unless already harvested, or a matching disk
+        cache exists). Called lazily by iteration and :meth:`activations`."""
+        if self._memory is not None or self._shard_rows is not None:
+            return self
+        if self.cache_dir is None:
+            mem: dict[str, list[Tensor]] = {h: [] for h in self.hook_names}
+            for acts in self._harvest_iter():
+                for h, a in acts.items():
+                    mem[h].append(a)
+                    self._d_in[h] = a.shape[1]
+            self._memory = mem
+            return self
+        fp = self.fingerprint()
+        if self._cache_valid(fp):
+            return self
+        meta_path = self._meta_path()
+        if meta_path.exists():
+            meta_path.unlink()  # stale: invalidate before rewriting shards
+        rows: list[int] = []
+        for i, acts in enumerate(self._harvest_iter()):
+            for h, a in acts.items():
+                save_activations(a, self._shard_path(h, i))
+                self._d_in[h] = a.shape[1]
+            rows.append(next(iter(acts.values())).shape[0])
+        meta = {"fingerprint": fp, "hook_names": self.hook_names, "shard_rows": rows,
+                "d_in": self._d_in, "context_size": self.context_size,
+                "n_tokens": self.n_tokens}
+        text = json.dumps(meta, indent=2)
+        atomic_write(meta_path, lambda p: Path(p).write_text(text))
+        self._shard_rows = rows
+        return self
+
+    # ------------------------------------------------------------------- serving
+    def _check_hook(self, hook: str) -> None:
+        if hook not in self.hook_names:
+            raise KeyError(
+                f"hook {hook!r} was not harvested by this store; harvested: {self.hook_names}"
+            )
+
+    def d_in(self, hook_name: str | None = None) -> int:
+        """Width of the (flattened) activations at ``hook_name``."""
+        hook = self._only_hook() if hook_name is None else hook_name
+        self._check_hook(hook)
+        self.harvest()
+        return int(self._d_in[hook])
+
+    def _n_chunks(self) -> int:
+        self.harvest()
+        if self._memory is not None:
+            return len(next(iter(self._memory.values())))
+        assert self._shard_rows is not None
+        return len(self._shard_rows)
+
+    def _chunk(self, hook: str, i: int) -> Tensor:
+        if self._memory is not None:
+            return self._memory[hook][i]
+        return load_activations(self._shard_path(hook, i)).to(self.device)
+
+    def activations(self, hook_name: str | None = None) -> Float[Tensor, "n d_in"]:
+        """All harvested activations of ``hook_name`` as ``[N, d_in]``, in token order."""
+        hook = self._only_hook() if hook_name is None else hook_name
+        self._check_hook(hook)
+        n = self._n_chunks()
+        parts = [self._chunk(hook, i) for i in range(n)]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _n_batches(self) -> int:
+        n = self.n_tokens
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _batches(self, hook: str) -> Iterator[Tensor]:
+        self._check_hook(hook)
+        n_chunks = self._n_chunks()
+        gen = torch.Generator().manual_seed(self.seed + self._epoch)
+        self._epoch += 1
+        order = torch.randperm(n_chunks, generator=gen).tolist() if self.shuffle else range(
+            n_chunks)
+        if self.buffer_size is not None:
+            cap = self.buffer_size
+        elif self._memory is not None:
+            cap = self.n_tokens
+        else:
+            cap = 64 * self.batch_size
+        cap = max(cap, self.batch_size)
+        bs = self.batch_size
+        buffer: list[Tensor] = []
+        n_buf = 0
+        for i in order:
+            chunk = self._chunk(hook, i)
+            buffer.append(chunk)
+            n_buf += chunk.shape[0]
+            if n_buf >= cap:
+                buf = torch.cat(buffer)
+                if self.shuffle:
+                    buf = buf[torch.randperm(buf.shape[0], generator=gen).to(buf.device)]
+                n_out = max(bs, (n_buf // 2) // bs * bs)
+                for j in range(0, n_out, bs):
+                    yield buf[j : j + bs]
+                buffer, n_buf = [buf[n_out:]], n_buf - n_out
+        if n_buf:
+            buf = torch.cat(buffer)
+            if self.shuffle:
+                buf = buf[torch.randperm(buf.shape[0], generator=gen).to(buf.device)]
+            for j in range(0, n_buf, bs):
+                if self.drop_last and j + bs > n_buf:
+                    break
+                yield buf[j : j + bs]
+
+    def _only_hook(self) -> str:
+        if len(self.hook_names) != 1:
+            raise TypeError(
+                f"this store harvests {len(self.hook_names)} hooks {self.hook_names}; pick one "
+                "with store[hook_name] (an iterable of batches) or store.activations(hook_name)"
+            )
+        return self.hook_names[0]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self._batches(self._only_hook())
+
+    def __len__(self) -> int:
+        self._only_hook()
+        return self._n_batches()
+
+    def __getitem__(self, hook_name: str) -> _HookView:
+        self._check_hook(hook_name)
+        return _HookView(self, hook_name)
+
+    def __repr__(self) -> str:
+        where = f", cache_dir={str(self.cache_dir)!r}" if self.cache_dir else ""
+        return (
+            f"ActivationStore(hooks={self.hook_names}, n_tokens={self.n_tokens}, "
+            f"batch_size={self.batch_size}{where})"
+        )
