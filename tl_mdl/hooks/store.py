@@ -42,12 +42,14 @@ def as_token_windows(tokens: Tensor, context_size: int | None, n_ctx: int) -> Te
     """``[n_seq, L]`` or ``[n_tokens]`` token ids -> ``[n_windows, context_size]`` (rows split
     into consecutive windows, the ragged tail dropped). Raises if a window exceeds ``n_ctx``."""
     if not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.is_complex():
+        what = f"dtype {tokens.dtype}" if isinstance(tokens, Tensor) else type(tokens).__name__
         raise TypeError(
-            f"tokens must be an integer Tensor [n_seq, seq_len] or [n_tokens], got "
-            f"{type(tokens).__name__}{'' if not isinstance(tokens, Tensor) else ' ' + str(tokens.dtype)}"
+            f"tokens must be an integer Tensor [n_seq, seq_len] or [n_tokens], got {what}"
         )
     if tokens.ndim not in (1, 2):
-        raise ValueError(f"tokens must be [n_seq, seq_len] or [n_tokens], got {tuple(tokens.shape)}")
+        raise ValueError(
+            f"tokens must be [n_seq, seq_len] or [n_tokens], got {tuple(tokens.shape)}"
+        )
     if context_size is None:
         if tokens.ndim == 1:
             raise ValueError("1-D token streams need context_size= to cut them into sequences")
@@ -253,7 +255,9 @@ class ActivationStore:
         if meta.get("fingerprint") != fp:
             return False
         rows = meta.get("shard_rows", [])
-        ok = all(self._shard_path(h, i).is_file() for h in self.hook_names for i in range(len(rows)))
+        ok = all(
+            self._shard_path(h, i).is_file() for h in self.hook_names for i in range(len(rows))
+        )
         if ok:
             self._shard_rows = rows
             self._d_in.update(meta.get("d_in", {}))
