@@ -1,0 +1,171 @@
+"""Eigen-truncation ablations: replace a bilinear MLP's output along chosen directions by the
+top-k terms of its eigen expansion, and measure loss vs k."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from tl_mdl.bilinear.decompose import Eigen, _out_dirs, eigen_expansion, eigendecompose
+from tl_mdl.bilinear.mlp import BilinearMLP
+
+
+def _bilinear_mlp(model: HookedTransformer, layer: int) -> BilinearMLP:
+    n_layers = model.cfg.n_layers
+    if not -n_layers <= layer < n_layers:
+        raise ValueError(f"layer {layer} out of range for model with n_layers={n_layers}")
+    mlp = model.blocks[layer].mlp
+    if not isinstance(mlp, BilinearMLP):
+        raise TypeError(
+            f"blocks.{layer}.mlp is a {type(mlp).__name__}, not a BilinearMLP; "
+            "convert it first with tl_mdl.to_bilinear(model, layers=[layer])"
+        )
+    return mlp
+
+
+@dataclass
+class EigenAblation:
+    """Handle from :func:`ablate_eigen`: a context manager; ``remove()`` detaches the hook."""
+
+    mlp: BilinearMLP
+    out_dirs: Tensor
+    eigen: Eigen
+    k: int
+    _handle: object = field(default=None, repr=False)
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __enter__(self) -> EigenAblation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def ablate_eigen(
+    model: HookedTransformer,
+    layer: int,
+    out_dirs: Float[Tensor, "n d_model"],
+    k: int,
+    *,
+    eigen: Eigen | None = None,
+) -> EigenAblation:
+    """Replace ``blocks[layer].mlp``'s output along each row ``u`` of ``out_dirs`` by its top-``k``
+    eigen expansion: with ``y_u = u·out(x)`` and ``ŷ_u = u·b_out + Σ_{j<k} λ_j (v_j·x̃)²``,
+
+        out'(x) = out(x) + U⁺ (ŷ − y),     U⁺ = pinv(U)  [d_model, n]
+
+    so ``u·out'(x) = ŷ_u`` for every ``u`` and the component of ``out`` orthogonal to
+    ``span(U)`` is untouched (``U`` needs full row rank, ``n ≤ d_model``). ``x`` is the MLP's
+    own input (after ``ln2``), read by a forward hook on the MLP module, so the edit is exact
+    whatever the normalisation. ``eigen``: a precomputed decomposition with at least ``k``
+    pairs per direction (default: computed with the exact top-``k`` mode). Returns a context
+    manager; the hook is removed on exit or by ``remove()``.
+    """
+    mlp = _bilinear_mlp(model, layer)
+    U = _out_dirs(out_dirs, mlp.cfg.d_model, mlp.W_out.detach())
+    if U.shape[0] > U.shape[1] or torch.linalg.matrix_rank(U.double()) < U.shape[0]:
+        raise ValueError(
+            f"out_dirs [{U.shape[0]}, {U.shape[1]}] must have full row rank (linearly independent "
+            "rows, n ≤ d_model) to replace the output along each of them; ablate fewer directions"
+        )
+    d = mlp.cfg.d_model + 1
+    if eigen is None:
+        eigen = eigendecompose(mlp, U, k=min(max(k, 1), d), dtype=torch.float64)
+    if eigen.values.shape[-1] < min(k, d):
+        raise ValueError(f"eigen holds {eigen.values.shape[-1]} pairs per direction; k={k}")
+    if eigen.vectors.shape[-1] != d:
+        raise ValueError("eigen must be a decomposition with bias=True and no in_basis")
+    U64 = U.double()
+    pinv_T = torch.linalg.pinv(U64).T  # [n, d_model]
+    u_bout = U64 @ mlp.b_out.detach().double()
+
+    def hook(module, args, output):
+        (x,) = args[:1]
+        y = output.double() @ U64.T
+        if k > 0:
+            y_hat = eigen_expansion(eigen, x.double(), k) + u_bout
+        else:
+            y_hat = u_bout.expand_as(y)
+        return output + ((y_hat - y) @ pinv_T).to(output.dtype)
+
+    handle = EigenAblation(mlp, U, eigen, k)
+    handle._handle = mlp.register_forward_hook(hook)
+    return handle
+
+
+@dataclass
+class TruncationCurve:
+    """Loss (mean next-token CE) and top-1 accuracy vs number of kept eigenpairs ``ks``;
+    ``base_loss``/``base_accuracy`` are for the unablated model."""
+
+    ks: list[int]
+    loss: list[float]
+    accuracy: list[float]
+    base_loss: float
+    base_accuracy: float
+
+    def rows(self) -> list[dict]:
+        return [
+            {"k": k, "loss": lo, "accuracy": a}
+            for k, lo, a in zip(self.ks, self.loss, self.accuracy, strict=True)
+        ]
+
+
+@torch.no_grad()
+def _loss_acc(
+    model: HookedTransformer, tokens: Tensor, batch_size: int, labels: Tensor | None
+) -> tuple[float, float]:
+    total_loss, total_correct, count = 0.0, 0.0, 0
+    for s in range(0, tokens.shape[0], batch_size):
+        batch = tokens[s : s + batch_size]
+        logits = model(batch, return_type="logits").float()
+        if labels is None:  # next-token prediction
+            logits, target = logits[:, :-1], batch[:, 1:]
+        else:  # one label per sequence, read at the last position
+            logits, target = logits[:, -1], labels[s : s + batch_size]
+        logp = logits.log_softmax(-1)
+        total_loss += -logp.gather(-1, target[..., None]).sum().item()
+        total_correct += (logits.argmax(-1) == target).sum().item()
+        count += target.numel()
+    return total_loss / count, total_correct / count
+
+
+def truncation_curve(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    layer: int,
+    out_dirs: Float[Tensor, "n d_model"],
+    ks: Sequence[int],
+    *,
+    labels: Int[Tensor, " batch"] | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> TruncationCurve:
+    """Loss and accuracy of ``model`` on ``tokens`` with :func:`ablate_eigen` at each ``k`` in
+    ``ks``. Loss is the mean next-token cross-entropy (or, with ``labels``, the CE of one label
+    per sequence read at the last position); accuracy is top-1 over the same targets. The
+    top-``max(ks)`` eigenpairs are computed once and shared by every ``k``."""
+    mlp = _bilinear_mlp(model, layer)
+    ks = [int(k) for k in ks]
+    d = mlp.cfg.d_model + 1
+    kmax = min(max(max(ks), 1), d)
+    U = _out_dirs(out_dirs, mlp.cfg.d_model, mlp.W_out.detach())
+    eigen = eigendecompose(mlp, U, k=kmax, dtype=torch.float64)
+    base_loss, base_acc = _loss_acc(model, tokens, batch_size, labels)
+    losses, accs = [], []
+    for k in tqdm(ks, desc="truncation curve", disable=not progress):
+        with ablate_eigen(model, layer, U, min(k, d), eigen=eigen):
+            loss, acc = _loss_acc(model, tokens, batch_size, labels)
+        losses.append(loss)
+        accs.append(acc)
+    return TruncationCurve(ks, losses, accs, base_loss, base_acc)

@@ -1,0 +1,363 @@
+"""Weight-based decomposition of a bilinear MLP: interaction matrices, their eigendecomposition,
+and the top singular output directions of the bilinear tensor — all without materialising it.
+
+Conventions (TransformerLens shapes): ``W_in, W_gate [d_in, h]``, ``W_out [h, d_out]``.
+With the bias folded in, ``x̃ = [x; 1]``, ``L = [W_in; b_in]``, ``R = [W_gate; b_gate]``
+(``[d, h]`` with ``d = d_in + 1``), so for every output direction ``u``::
+
+    u·out(x) − u·b_out = x̃ᵀ Q(u) x̃,     Q(u) = sym(L · diag(W_out u) · Rᵀ),  sym(A) = (A+Aᵀ)/2
+
+and ``Q(u) = Σ_j λ_j v_j v_jᵀ`` gives ``u·out(x) − u·b_out = Σ_j λ_j (v_j·x̃)²``.
+The bilinear tensor ``B[o,i,j] = Σ_h W_out[h,o] L[i,h] R[j,h]`` (symmetrised in ``i,j``) is
+never built: ``Q(u) = Σ_o u_o B[o]`` costs one ``[d,h]×[h,d]`` GEMM per direction.
+
+In a transformer, ``x`` is the MLP's *input*, i.e. the residual stream after ``ln2``
+(the normalised residual), not the raw residual stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import scipy.linalg
+import torch
+from jaxtyping import Float
+from scipy.linalg import lapack
+from torch import Tensor
+from tqdm.auto import tqdm
+
+
+class Eigen(NamedTuple):
+    """Eigendecomposition of ``Q(u)`` per output direction, sorted by ``|λ|`` descending.
+
+    ``values [n, k]``; ``vectors [n, k, d]`` with ``vectors[i, j]`` the unit eigenvector
+    (a row, not a column) belonging to ``values[i, j]``. ``k = d`` for a full decomposition.
+    """
+
+    values: Float[Tensor, "n k"]
+    vectors: Float[Tensor, "n k d"]
+
+
+class OutputSVD(NamedTuple):
+    """Top singular values ``values [k]`` and left singular vectors ``out_dirs [k, d_out]``
+    (unit rows) of the bilinear tensor reshaped ``(d_out, d²)``."""
+
+    values: Float[Tensor, " k"]
+    out_dirs: Float[Tensor, "k d_out"]
+
+
+# ---------------------------------------------------------------------------------------------
+# weights, bases and directions
+
+
+def _weights(mlp) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    missing = [n for n in ("W_in", "W_gate", "W_out") if getattr(mlp, n, None) is None]
+    if missing:
+        raise TypeError(
+            f"{type(mlp).__name__} has no {missing}; the decomposition needs a bilinear layer "
+            "(tl_mdl.BilinearMLP — convert a GatedMLP with tl_mdl.to_bilinear)"
+        )
+    if type(mlp).__name__ == "GatedMLP":
+        raise TypeError(
+            "GatedMLP has an activation on its gate and a post-product bias, so it is not "
+            "bilinear; convert it first with tl_mdl.to_bilinear(model) (exact for identity act)"
+        )
+    W_in, W_gate, W_out = mlp.W_in.detach(), mlp.W_gate.detach(), mlp.W_out.detach()
+    d_in, h = W_in.shape
+    d_out = W_out.shape[1]
+
+    def bias(name: str, size: int) -> Tensor:
+        b = getattr(mlp, name, None)
+        return W_in.new_zeros(size) if b is None else b.detach()
+
+    return W_in, W_gate, W_out, bias("b_in", h), bias("b_gate", h), bias("b_out", d_out)
+
+
+def _basis(in_basis, d_in: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``(D [m, d_in], offset [d_in])`` with ``x = f @ D + offset``."""
+    if isinstance(in_basis, Tensor):
+        D, offset = in_basis, torch.zeros(d_in, dtype=in_basis.dtype, device=in_basis.device)
+    elif getattr(in_basis, "W_dec", None) is not None:  # an SAE: x ≈ f @ W_dec + b_dec
+        D = in_basis.W_dec.detach()
+        b_dec = getattr(in_basis, "b_dec", None)
+        offset = torch.zeros(d_in, dtype=D.dtype) if b_dec is None else b_dec.detach()
+    else:
+        raise TypeError(
+            f"in_basis must be a [m, d_in] tensor or an SAE with W_dec, got {type(in_basis)}"
+        )
+    if D.ndim != 2 or D.shape[1] != d_in:
+        raise ValueError(
+            f"in_basis has shape {tuple(D.shape)}; expected [m, d_in={d_in}] (one basis "
+            "vector per row, e.g. an SAE's W_dec)"
+        )
+    return D.to(like), offset.to(like)
+
+
+def _out_dirs(out_dirs, d_out: int, like: Tensor) -> Tensor:
+    if not isinstance(out_dirs, Tensor):
+        W_enc = getattr(out_dirs, "W_enc", None)
+        if W_enc is None:
+            raise TypeError(
+                f"out_dirs must be a [n, d_out] tensor or an SAE with W_enc, got {type(out_dirs)}"
+            )
+        out_dirs = W_enc.detach().T  # encoder directions: pre-activation = u·out + const
+    U = out_dirs.detach()
+    if U.ndim == 1:
+        U = U[None]
+    if U.ndim != 2 or U.shape[1] != d_out:
+        raise ValueError(
+            f"out_dirs has shape {tuple(out_dirs.shape)}; expected [n, d_out={d_out}] "
+            "(one output direction per row, e.g. model.W_U.T[tokens] or sae.W_enc.T)"
+        )
+    return U.to(like)
+
+
+def folded_weights(
+    mlp, *, bias: bool = True, in_basis=None, dtype: torch.dtype | None = None
+) -> tuple[Float[Tensor, "d h"], Float[Tensor, "d h"], Float[Tensor, "h d_out"]]:
+    """``(L, R, W_out)`` with ``L = [W_in; b_in]``, ``R = [W_gate; b_gate]`` (rows ``d = d_in+1``
+    with ``bias``, else ``d = d_in`` and biases dropped). With ``in_basis`` (``[m, d_in]`` rows
+    ``D``, or an SAE: ``D = W_dec`` and offset ``b_dec``) inputs are coordinates ``f`` with
+    ``x = f D + offset``: ``L = [D W_in; offset W_in + b_in]`` (likewise ``R``), ``d = m (+1)``."""
+    W_in, W_gate, W_out, b_in, b_gate, _ = _weights(mlp)
+    dtype = dtype or W_in.dtype
+    W_in, W_gate, W_out = W_in.to(dtype), W_gate.to(dtype), W_out.to(dtype)
+    b_in, b_gate = b_in.to(dtype), b_gate.to(dtype)
+    if in_basis is not None:
+        D, offset = _basis(in_basis, W_in.shape[0], W_in)
+        b_in, b_gate = offset @ W_in + b_in, offset @ W_gate + b_gate
+        W_in, W_gate = D @ W_in, D @ W_gate
+    if bias:
+        W_in = torch.cat([W_in, b_in[None]], 0)
+        W_gate = torch.cat([W_gate, b_gate[None]], 0)
+    return W_in, W_gate, W_out
+
+
+# ---------------------------------------------------------------------------------------------
+# interaction matrices
+
+
+def _form_q(L: Tensor, R: Tensor, C: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """``sym(L diag(c) Rᵀ)`` for each row ``c`` of ``C [n, h]`` → ``[n, d, d]``, one GEMM each."""
+    n, d = C.shape[0], L.shape[0]
+    Q = L.new_empty(n, d, d)
+    scratch = L.new_empty(L.shape) if scratch is None else scratch
+    R_T = R.T
+    for i in range(n):
+        torch.mul(L, C[i], out=scratch)
+        torch.matmul(scratch, R_T, out=Q[i])
+    for q in Q:  # symmetrise in place; the temporary is one [d, d]
+        q.add_(q.T.clone()).mul_(0.5)
+    return Q
+
+
+def interaction_matrix(
+    mlp,
+    out_dirs: Float[Tensor, "n d_out"],
+    *,
+    bias: bool = True,
+    in_basis=None,
+    dtype: torch.dtype | None = None,
+) -> Float[Tensor, "n d d"]:
+    """Symmetric interaction matrices ``Q(u) = sym(L diag(W_out u) Rᵀ)``, one per row ``u`` of
+    ``out_dirs [n, d_out]`` (or an SAE: its encoder directions ``W_enc.T``).
+
+    ``x̃ᵀ Q(u) x̃ = u·out(x) − u·b_out`` with ``x̃ = [x; 1]`` (``d = d_in + 1``) when
+    ``bias``; with ``bias=False`` ``d = d_in`` and all biases are dropped (the pure quadratic
+    part). ``in_basis`` (``[m, d_in]`` or an SAE, see :func:`folded_weights`) expresses inputs
+    in another basis, e.g. an input-side SAE's decoder: feature-to-feature interactions.
+    Costs ``O(n d² h)`` and ``O(d h)`` scratch; the bilinear tensor is never built.
+    """
+    L, R, W_out = folded_weights(mlp, bias=bias, in_basis=in_basis, dtype=dtype)
+    U = _out_dirs(out_dirs, W_out.shape[1], W_out)
+    return _form_q(L, R, U @ W_out.T)
+
+
+# ---------------------------------------------------------------------------------------------
+# eigendecomposition
+
+
+def _sort_by_abs(values: Tensor, vectors_rows: Tensor, k: int | None) -> Eigen:
+    order = values.abs().argsort(dim=-1, descending=True, stable=True)
+    if k is not None:
+        order = order[..., :k]
+    values = values.gather(-1, order)
+    vectors = vectors_rows.gather(-2, order[..., None].expand(-1, -1, vectors_rows.shape[-1]))
+    return Eigen(values, vectors)
+
+
+_LAPACK = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}
+
+
+def _topk_eigh_one(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k largest-|λ| eigenpairs of one symmetric matrix via LAPACK: one tridiagonal
+    reduction (``sytrd``), all eigenvalues of the tridiagonal (``sterf``, O(d²)), MRRR
+    eigenvectors (``stemr``) for the two ends of the spectrum that hold the top-|λ|, and a
+    back-transformation of only those k vectors (``ormqr``). Returns ``(w [k], Z [d, k])``."""
+    p = _LAPACK[q.dtype]
+    sytrd = getattr(lapack, p + "sytrd")
+    sterf = getattr(lapack, p + "sterf")
+    # q is symmetric, so its transpose is a Fortran-ordered view of the same matrix (no copy)
+    a, diag, off, tau, info = sytrd(q.T, lower=1, overwrite_a=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"{p}sytrd failed with info={info}")
+    w_all, info = sterf(diag.copy(), off.copy())
+    if info != 0:
+        raise np.linalg.LinAlgError(f"{p}sterf failed with info={info}")
+    lo, hi = 0, len(w_all) - 1
+    for _ in range(k):  # two-pointer merge from both ends of the ascending spectrum
+        if abs(w_all[lo]) >= abs(w_all[hi]):
+            lo += 1
+        else:
+            hi -= 1
+    parts_w, parts_z = [], []
+    for start, stop in ((0, lo - 1), (hi + 1, len(w_all) - 1)):
+        if stop >= start:
+            w, z = scipy.linalg.eigh_tridiagonal(
+                diag, off, select="i", select_range=(start, stop), lapack_driver="stemr",
+                check_finite=False,
+            )
+            parts_w.append(w)
+            parts_z.append(z)
+    w = np.concatenate(parts_w)
+    Z = np.concatenate(parts_z, axis=1)
+    # back-transform: Q_house = H(1)…H(d-1) stored geqrf-style in a[1:, :-1]
+    a_t, Z_t = torch.from_numpy(a), torch.from_numpy(Z)
+    V = Z_t.clone()
+    if a.shape[0] > 1:
+        V[1:] = torch.ormqr(a_t[1:, :-1], torch.from_numpy(tau), Z_t[1:], left=True)
+    return w, V.numpy()
+
+
+def _eigh_chunk(Q: Tensor, k: int | None) -> Eigen:
+    d = Q.shape[-1]
+    if k is None or k >= d:
+        values, vectors = torch.linalg.eigh(Q)
+        return _sort_by_abs(values, vectors.mT, None if k is None else k)
+    Qn = Q.cpu().numpy()
+    ws, vs = [], []
+    for q in Qn:
+        w, v = _topk_eigh_one(q, k)
+        ws.append(w)
+        vs.append(v.T)
+    values = torch.from_numpy(np.stack(ws)).to(Q.device)
+    vectors = torch.from_numpy(np.stack(vs)).to(Q.device)
+    return _sort_by_abs(values, vectors, None)
+
+
+def iter_eigendecompose(
+    mlp,
+    out_dirs: Float[Tensor, "n d_out"],
+    *,
+    bias: bool = True,
+    in_basis=None,
+    k: int | None = None,
+    chunk_size: int = 32,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[slice, Eigen]]:
+    """Streaming :func:`eigendecompose`: yields ``(rows, Eigen)`` per chunk of ``chunk_size``
+    directions, so peak memory is ``O(chunk_size · d²)`` whatever ``n`` is."""
+    L, R, W_out = folded_weights(mlp, bias=bias, in_basis=in_basis, dtype=dtype)
+    U = _out_dirs(out_dirs, W_out.shape[1], W_out)
+    if k is not None and k < 1:
+        raise ValueError(f"k={k} must be a positive number of eigenpairs (or None for all)")
+    scratch = L.new_empty(L.shape)
+    n = U.shape[0]
+    starts = range(0, n, chunk_size)
+    for start in tqdm(starts, desc="eigendecompose", disable=not progress, unit="chunk"):
+        rows = slice(start, min(start + chunk_size, n))
+        C = U[rows] @ W_out.T  # [c, h]: the diagonal of Q(u) in the hidden basis
+        Q = _form_q(L, R, C, scratch)
+        yield rows, _eigh_chunk(Q, k)
+        del Q
+
+
+def eigendecompose(
+    mlp,
+    out_dirs: Float[Tensor, "n d_out"],
+    *,
+    bias: bool = True,
+    in_basis=None,
+    k: int | None = None,
+    chunk_size: int = 32,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Eigen:
+    """Eigendecomposition ``Q(u) = Σ_j λ_j v_j v_jᵀ`` of :func:`interaction_matrix` for every row
+    of ``out_dirs``, sorted by ``|λ|`` descending: ``values [n, k]``, ``vectors [n, k, d]``
+    (rows). ``u·out(x) − u·b_out = Σ_j λ_j (v_j·x̃)²`` exactly when ``k`` is None (all ``d``).
+
+    ``k``: only the ``k`` largest-``|λ|`` eigenpairs, computed exactly with LAPACK subset
+    drivers after one tridiagonal reduction (much cheaper than a full ``eigh``). Directions
+    are processed in chunks of ``chunk_size``; see :func:`iter_eigendecompose` to stream.
+    """
+    chunks = list(
+        iter_eigendecompose(
+            mlp, out_dirs, bias=bias, in_basis=in_basis, k=k, chunk_size=chunk_size,
+            dtype=dtype, progress=progress,
+        )
+    )
+    return Eigen(
+        torch.cat([e.values for _, e in chunks]), torch.cat([e.vectors for _, e in chunks])
+    )
+
+
+def eigen_expansion(
+    eigen: Eigen, x: Float[Tensor, "... d_in"], k: int | None = None
+) -> Float[Tensor, "... n"]:
+    """``Σ_{j<k} λ_j (v_j·x̃)²`` per direction: the top-``k`` truncation of ``u·out(x) − u·b_out``.
+    ``x̃ = [x; 1]`` when the eigenvectors have ``d_in + 1`` entries (bias folded), else ``x``.
+    ``x`` is in the decomposition's input basis (coordinates ``f`` if ``in_basis`` was used)."""
+    values, vectors = eigen
+    if k is not None:
+        values, vectors = values[:, :k], vectors[:, :k]
+    d = vectors.shape[-1]
+    x = x.to(vectors.dtype)
+    if x.shape[-1] == d - 1:
+        x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
+    elif x.shape[-1] != d:
+        raise ValueError(f"x has {x.shape[-1]} features; the eigenvectors have d={d} (or d-1)")
+    proj = torch.einsum("...d,nkd->...nk", x, vectors)
+    return (proj.square() * values).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# output directions
+
+
+def output_svd(
+    mlp,
+    k: int,
+    *,
+    bias: bool = True,
+    in_basis=None,
+    dtype: torch.dtype | None = None,
+    block: int = 1024,
+) -> OutputSVD:
+    """Top-``k`` singular values and left singular vectors (output directions) of the
+    symmetrised bilinear tensor reshaped ``(d_out, d²)``, without building it.
+
+    ``B Bᵀ = W_outᵀ M W_out`` with the ``[h, h]`` Gram matrix of the hidden units' rank-one
+    terms ``M[h,h'] = ⟨sym(l_h r_hᵀ), sym(l_h' r_h'ᵀ)⟩ = ½[(LᵀL)∘(RᵀR) + (LᵀR)∘(RᵀL)]``,
+    accumulated in row blocks of ``block`` hidden units (``O(h² (d + d_out))`` time,
+    ``O(block · h)`` memory); then ``eigh`` of the ``[d_out, d_out]`` matrix gives ``σ² , U``.
+    Each output direction's sign is fixed so its largest-magnitude entry is positive.
+    """
+    L, R, W_out = folded_weights(mlp, bias=bias, in_basis=in_basis, dtype=dtype)
+    h, d_out = W_out.shape
+    if not 1 <= k <= d_out:
+        raise ValueError(f"k={k} must be in 1..d_out={d_out}")
+    G = W_out.new_zeros(d_out, d_out)
+    for s in range(0, h, block):
+        Lb, Rb = L[:, s : s + block], R[:, s : s + block]
+        M_blk = 0.5 * ((Lb.T @ L) * (Rb.T @ R) + (Lb.T @ R) * (Rb.T @ L))  # [b, h]
+        G += W_out[s : s + block].T @ (M_blk @ W_out)
+    G = 0.5 * (G + G.T)
+    evals, evecs = torch.linalg.eigh(G)
+    evals, evecs = evals.flip(0)[:k], evecs.flip(1)[:, :k].T
+    idx = evecs.abs().argmax(-1, keepdim=True)
+    evecs = evecs * evecs.gather(-1, idx).sign()
+    return OutputSVD(evals.clamp_min(0).sqrt(), evecs)
