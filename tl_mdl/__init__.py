@@ -1,7 +1,16 @@
 """tl_mdl: MDL-scored sparse autoencoders and bilinear MLPs for TransformerLens."""
 
+from tl_mdl import codec
 from tl_mdl._io import load_activations, save_activations
+from tl_mdl.mdl import (
+    DLReport,
+    description_length,
+    latent_description_length,
+    quantize,
+    select_mdl,
+)
 from tl_mdl.sae import SAE, SAEConfig, identity_sae, register_activation
+from tl_mdl.training import SweepTable, sweep, train_sae
 
 # -- exports added per subsystem below (keep one block per subsystem) --
 

@@ -40,3 +40,5 @@ __all__ = [
     "quantize",
     "total_variance",
 ]
+
+from tl_mdl.mdl.select import select_mdl, select_mdl_row  # noqa: E402

@@ -1,0 +1,165 @@
+"""Train and score a grid of SAEs (widths × sparsities); the table feeds ``select_mdl``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_mdl._io import atomic_write
+from tl_mdl.mdl import DEFAULT_TOLERANCE, description_length, select_mdl, select_mdl_row
+from tl_mdl.sae import SAE, SAEConfig
+from tl_mdl.training.trainer import train_sae
+
+#: the scalar columns of a sweep table (CSV order)
+COLUMNS = (
+    "width",
+    "sparsity",
+    "objective",
+    "bits_per_input",
+    "bin_width",
+    "l0",
+    "fvu",
+    "fvu_quantized",
+    "explained_variance",
+    "naive_bits",
+    "raw_bits",
+    "train_seconds",
+    "path",
+)
+
+
+@dataclass
+class SweepTable:
+    """Rows of a sweep: one dict per SAE with the :data:`COLUMNS` plus the ``"sae"`` itself."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+    def select(self, tolerance: float) -> dict[str, Any]:
+        """The minimum-DL row with ``fvu_quantized <= tolerance``."""
+        return dict(select_mdl_row(self.rows, tolerance))
+
+    def select_sae(self, tolerance: float) -> SAE:
+        return select_mdl(self.rows, tolerance)
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """Write the scalar columns (atomically)."""
+
+        def write(p: Path) -> None:
+            with open(p, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=list(COLUMNS), extrasaction="ignore")
+                w.writeheader()
+                for r in self.rows:
+                    w.writerow({k: r.get(k, "") for k in COLUMNS})
+
+        atomic_write(path, write)
+        return Path(path)
+
+
+def _key(width: int, sparsity: float) -> str:
+    return f"w{width}_s{sparsity:g}"
+
+
+def sweep(
+    activations: Tensor | Iterable[Tensor],
+    widths: Sequence[int] = (16, 32, 64, 128, 256, 512),
+    sparsities: Sequence[float] = (1e-3,),
+    objective: str = "mdl",
+    *,
+    eval_activations: Tensor | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    **train_kwargs: Any,
+) -> SweepTable:
+    """Train one SAE per (width, sparsity) and score its description length.
+
+    ``sparsity`` is λ for ``"mdl"`` / ``"l1"`` and ``k`` for ``"topk"`` (pairs with
+    ``k > width`` are skipped). Each SAE is scored with ``description_length`` on
+    ``eval_activations`` (default: the training activations when they are a Tensor) at
+    precision ``tolerance``. With ``out_dir`` every SAE is saved to
+    ``out_dir/w{width}_s{sparsity}/`` with its scores in ``scores.json``, the table to
+    ``out_dir/sweep.csv``, and a rerun reuses what is already there (resume).
+    Extra keyword arguments go to :func:`tl_mdl.train_sae`.
+    """
+    if eval_activations is None:
+        if not isinstance(activations, Tensor):
+            raise ValueError("eval_activations= is required when activations are an iterable")
+        eval_activations = activations
+    if not widths or not sparsities:
+        raise ValueError(f"widths={widths!r} and sparsities={sparsities!r} must be non-empty")
+    d_in = int(eval_activations.shape[-1])
+    grid = [
+        (int(w), s)
+        for w in widths
+        for s in sparsities
+        if not (objective == "topk" and int(s) > int(w))
+    ]
+    out = Path(out_dir) if out_dir is not None else None
+    table = SweepTable()
+    for width, sp in tqdm(grid, desc=f"sweep {objective}", disable=not progress):
+        folder = out / _key(width, sp) if out is not None else None
+        if folder is not None and (folder / "scores.json").is_file():
+            row = json.loads((folder / "scores.json").read_text())
+            row["sae"] = SAE.load(folder)
+            table.rows.append(row)
+            continue
+        if objective == "topk":
+            cfg = SAEConfig(d_in=d_in, d_sae=width, activation="topk", k=int(sp))
+        else:
+            cfg = SAEConfig(d_in=d_in, d_sae=width)
+        start = time.perf_counter()
+        sae = train_sae(
+            activations,
+            cfg,
+            objective,
+            sparsity=float(sp),
+            seed=seed,
+            progress=progress,
+            **train_kwargs,
+        )
+        seconds = time.perf_counter() - start
+        rep = description_length(sae, eval_activations, tolerance=tolerance)
+        row = {
+            "width": width,
+            "sparsity": sp,
+            "objective": objective,
+            "bits_per_input": rep.bits_per_input,
+            "bin_width": rep.bin_width,
+            "l0": rep.l0,
+            "fvu": rep.fvu,
+            "fvu_quantized": rep.fvu_quantized,
+            "explained_variance": rep.explained_variance,
+            "naive_bits": rep.naive_bits,
+            "raw_bits": rep.raw_bits,
+            "train_seconds": seconds,
+            "path": str(folder) if folder is not None else "",
+        }
+        if folder is not None:
+            sae.save(folder)
+            atomic_write(
+                folder / "scores.json", lambda p, r=dict(row): p.write_text(json.dumps(r, indent=2))
+            )
+        row["sae"] = sae
+        table.rows.append(row)
+        if out is not None:
+            table.to_csv(out / "sweep.csv")
+    return table

@@ -1,0 +1,335 @@
+"""The SAE trainer: one readable loop with checkpoints, resume and progress bars."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_mdl._io import atomic_write
+from tl_mdl.mdl import DEFAULT_TOLERANCE
+from tl_mdl.sae import SAE, SAEConfig
+from tl_mdl.training.objectives import get_objective
+
+STATE_JSON = "train_state.json"
+STATE_TENSORS = "train_state.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (saved in checkpoints)."""
+
+    objective: str = "mdl"
+    sparsity: float = 0.0  # λ of the penalty (mdl, l1); unused by topk
+    tolerance: float = DEFAULT_TOLERANCE  # FVU tolerance the mdl surrogate's bin width uses
+    steps: int | None = None  # total optimiser steps; default epochs × (N // batch_size)
+    epochs: int = 1
+    batch_size: int = 256
+    lr: float = 1e-3
+    lr_warmup_steps: int = 0
+    lr_decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+
+
+@dataclass
+class TrainResult:
+    sae: SAE
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class _Batches:
+    """Deterministic batches: a Tensor is reshuffled each epoch from ``(seed, epoch)``, so
+    step ``s`` always sees the same batch (resume = uninterrupted run); an iterable is
+    consumed in order (on resume the first ``s`` batches are skipped)."""
+
+    def __init__(self, data: Tensor | Iterable[Tensor], batch_size: int, seed: int):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        if isinstance(data, Tensor):
+            n = data.shape[0]
+            self.per_epoch = max(n // batch_size, 1)
+        else:
+            self.per_epoch = None
+        self._it: Iterator[Tensor] | None = None
+        self._epoch_perm: tuple[int, Tensor] | None = None
+
+    def get(self, step: int) -> Tensor:
+        if isinstance(self.data, Tensor):
+            epoch, b = divmod(step, self.per_epoch)
+            if self._epoch_perm is None or self._epoch_perm[0] != epoch:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._epoch_perm = (epoch, torch.randperm(self.data.shape[0], generator=g))
+            idx = self._epoch_perm[1][b * self.batch_size : (b + 1) * self.batch_size]
+            return self.data[idx]
+        if self._it is None:
+            self._it = iter(self.data)
+            for _ in range(step):  # resume: skip what was consumed
+                next(self._it)
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise StopIteration from None
+
+
+def _check_batch(x: Tensor, d_in: int, step: int) -> None:
+    if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[1] != d_in:
+        raise ValueError(
+            f"batch at step {step} has shape {tuple(getattr(x, 'shape', ()))}; expected "
+            f"[batch, d_in={d_in}]"
+        )
+    if not torch.isfinite(x).all():
+        row = int((~torch.isfinite(x)).any(-1).nonzero()[0])
+        raise FloatingPointError(
+            f"activations of the batch at step {step} contain NaN/Inf (row {row} of the batch); "
+            "training stopped, the last checkpoint is kept"
+        )
+
+
+def _lr_lambda(tc: TrainConfig, total: int):
+    decay_start = int(total * (1 - tc.lr_decay_frac))
+
+    def f(step: int) -> float:
+        if tc.lr_warmup_steps and step < tc.lr_warmup_steps:
+            return (step + 1) / tc.lr_warmup_steps
+        if step >= decay_start and total > decay_start:
+            return max(0.0, (total - step) / (total - decay_start))
+        return 1.0
+
+    return f
+
+
+# ------------------------------------------------------------------ checkpoints
+def save_checkpoint(
+    path: str | os.PathLike,
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    step: int,
+    tc: TrainConfig,
+    history: list[dict[str, float]],
+) -> None:
+    """Atomically write the training state (weights, Adam moments, step, config) to ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+    osd = opt.state_dict()
+    for idx, st in osd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{idx}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    meta = {
+        "step": step,
+        "sae_cfg": sae.cfg.to_dict(),
+        "train_cfg": asdict(tc),
+        "param_groups": osd["param_groups"],
+        "history": history,
+    }
+    atomic_write(path / STATE_TENSORS, lambda p: save_file(tensors, str(p)))
+    atomic_write(path / STATE_JSON, lambda p: p.write_text(json.dumps(meta)))
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    path = Path(path)
+    try:
+        meta = json.loads((path / STATE_JSON).read_text())
+        tensors = load_file(str(path / STATE_TENSORS))
+    except (OSError, json.JSONDecodeError, SafetensorError, ValueError) as e:
+        raise ValueError(
+            f"checkpoint in {path} is unreadable ({e}); delete it to start over"
+        ) from e
+    return meta, tensors
+
+
+# ------------------------------------------------------------------------ train
+def train_sae(
+    activations: Tensor | Iterable[Tensor],
+    cfg: SAEConfig,
+    objective: str = "mdl",
+    *,
+    sparsity: float | None = None,
+    steps: int | None = None,
+    epochs: int = 1,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 500,
+    resume: bool = True,
+    progress: bool = True,
+    return_history: bool = False,
+    **train_kwargs: Any,
+) -> SAE | TrainResult:
+    """Train an SAE on ``activations`` (a Tensor ``[N, d_in]``, or any iterable of
+    ``[batch, d_in]`` tensors such as ``tl_mdl.ActivationStore``) with Adam.
+
+    Objectives (see :mod:`tl_mdl.training.objectives`): ``"mdl"`` (FVU + λ·DL surrogate),
+    ``"l1"`` (FVU + λ·decoder-norm-weighted L1), ``"topk"`` (FVU; needs ``activation="topk"``).
+    ``sparsity`` is λ (defaults: mdl 1e-3, l1 0.1).
+
+    With ``checkpoint_dir``, the full training state is written atomically every
+    ``checkpoint_every`` steps and on Ctrl-C; with ``resume=True`` a run restarts from it and
+    reaches the same weights as an uninterrupted run (Tensor input: batches are a function of
+    ``(seed, step)``). Non-finite activations or losses stop training with
+    ``FloatingPointError``, keeping the last checkpoint. Returns the SAE (or a
+    :class:`TrainResult` with the loss history when ``return_history=True``).
+    """
+    get_objective(objective)  # validates the name early
+    if sparsity is None:
+        sparsity = {"mdl": 1e-3, "l1": 0.1}.get(objective, 0.0)
+    if isinstance(activations, Tensor):
+        if activations.ndim != 2 or activations.shape[1] != cfg.d_in:
+            raise ValueError(
+                f"activations have shape {tuple(activations.shape)}; expected [N, d_in={cfg.d_in}]"
+            )
+        if activations.shape[0] == 0:
+            raise ValueError("activations are empty (N = 0); nothing to train on")
+    tc = TrainConfig(
+        objective=objective,
+        sparsity=float(sparsity),
+        tolerance=tolerance,
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        **train_kwargs,
+    )
+    batches = _Batches(activations, batch_size, seed)
+    if tc.steps is None:
+        if batches.per_epoch is None:
+            raise ValueError("steps= is required when activations are an iterable of batches")
+        tc.steps = tc.epochs * batches.per_epoch
+    total = int(tc.steps)
+
+    sae = SAE(cfg, seed=seed)
+    opt = torch.optim.Adam(sae.parameters(), lr=tc.lr)
+    history: list[dict[str, float]] = []
+    start = 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None and resume and (ckpt / STATE_JSON).is_file():
+        meta, tensors = load_checkpoint(ckpt)
+        if SAEConfig.from_dict(meta["sae_cfg"]) != cfg:
+            raise ValueError(
+                f"checkpoint in {ckpt} is for a different SAE config; pass resume=False or "
+                "another checkpoint_dir"
+            )
+        sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        osd = {"state": {}, "param_groups": meta["param_groups"]}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, idx, name = k.split(".", 2)
+                osd["state"].setdefault(int(idx), {})[name] = v
+        opt.load_state_dict(osd)
+        start, history = int(meta["step"]), list(meta["history"])
+    else:
+        _init_b_dec(sae, activations if isinstance(activations, Tensor) else None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc, total))
+    for _ in range(start):
+        sched.step()
+    fn = get_objective(objective)
+
+    bar = tqdm(
+        range(start, total),
+        initial=start,
+        total=total,
+        disable=not progress,
+        desc=f"train {objective} d_sae={cfg.d_sae}",
+        leave=False,
+    )
+    done = start  # completed optimiser steps
+    with _StopRequests() as stop:
+        try:
+            for step in bar:
+                if stop.requested:  # Ctrl-C / SIGTERM: stop at a step boundary, keep state
+                    if ckpt is not None:
+                        save_checkpoint(ckpt, sae, opt, done, tc, history)
+                    raise KeyboardInterrupt(
+                        f"training interrupted at step {done}"
+                        + (f"; resume from {ckpt}" if ckpt else "")
+                    )
+                try:
+                    x = batches.get(step)
+                except StopIteration:
+                    break
+                x = x.to(sae.W_enc.device, sae.W_enc.dtype)
+                _check_batch(x, cfg.d_in, step)
+                if step == 0 and not isinstance(activations, Tensor):
+                    _init_b_dec(sae, x)
+                latents = sae.encode(x)
+                x_hat = sae.decode(latents)
+                loss, parts = fn(sae, x, latents, x_hat, tc.sparsity, tc.tolerance)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss became {float(loss)} at step {step} ({parts}); training stopped"
+                        + (f", last checkpoint kept in {ckpt}" if ckpt else "")
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                done = step + 1
+                if step % tc.log_every == 0 or done == total:
+                    rec = {
+                        "step": step,
+                        "loss": float(loss),
+                        **parts,
+                        "l0": float((latents != 0).sum(-1).float().mean()),
+                    }
+                    history.append(rec)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k != "step"})
+                if ckpt is not None and done % tc.checkpoint_every == 0:
+                    save_checkpoint(ckpt, sae, opt, done, tc, history)
+        finally:
+            bar.close()
+    if ckpt is not None:
+        save_checkpoint(ckpt, sae, opt, done, tc, history)
+    sae.cfg.metadata.setdefault("training", {k: v for k, v in asdict(tc).items()})
+    return TrainResult(sae, history) if return_history else sae
+
+
+@torch.no_grad()
+def _init_b_dec(sae: SAE, x: Tensor | None) -> None:
+    """``b_dec`` ← the mean of (up to 16k rows of) the data, so encoders start centred."""
+    if x is None or x.shape[0] == 0:
+        return
+    sample = x[:16384].to(sae.b_dec.device, torch.float64)
+    if torch.isfinite(sample).all():
+        sae.b_dec.copy_(sample.mean(0).to(sae.b_dec.dtype))
+
+
+class _StopRequests:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only), so
+    an interrupt never lands in the middle of an optimiser update. A second Ctrl-C raises
+    immediately."""
+
+    def __enter__(self) -> _StopRequests:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+__all__ = ["train_sae", "TrainConfig", "TrainResult", "save_checkpoint", "load_checkpoint"]
