@@ -14,4 +14,10 @@ from tl_mdl.training import SweepTable, sweep, train_sae
 
 # -- exports added per subsystem below (keep one block per subsystem) --
 
+# isort: split
+# hooks / metrics / interop
+from tl_mdl.hooks import ActivationStore, SAEHandle, attach_sae
+from tl_mdl.interop import from_sae_lens, to_sae_lens
+from tl_mdl.metrics import evaluate, explained_variance, fvu
+
 __version__ = "0.1.0"
