@@ -117,7 +117,7 @@ class SplicedLoss:
             start=got.get(f"blocks.{self.layer}.hook_resid_pre"),
             rows=rows, cols=cols, vals=latents[rows, cols], offsets=offsets,
             act_shape=act.shape,
-            clean_logp=logits.log_softmax(-1) if self.kind == "kl" else None,
+            clean_logp=logits.double().log_softmax(-1) if self.kind == "kl" else None,
         )
 
     def _spliced_logits(self, b: _Batch, recons: Tensor) -> Tensor:

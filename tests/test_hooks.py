@@ -1,0 +1,455 @@
+"""attach_sae (splice / splice_error / observe), ActivationStore, and the ce/kl model losses,
+on tiny seeded HookedTransformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from tl_mdl import SAE, ActivationStore, SAEConfig, attach_sae
+from tl_mdl.hooks import SAE_HOOK_NAMES
+from tl_mdl.mdl import build_model_loss, dequantize, quantize
+from tl_mdl.mdl.losses import MODEL_LOSSES
+from tl_mdl.metrics import kl_divergence
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+HOOKS = [  # (hook, d_in) on the tiny model
+    ("blocks.0.hook_resid_pre", 16),
+    ("blocks.1.attn.hook_z", 16),  # [batch, pos, 2 heads, 8] flattened
+    ("blocks.0.mlp.hook_post", 32),
+    ("blocks.1.hook_mlp_out", 16),
+]
+ACTS = ["relu", "topk", "jumprelu"]
+
+
+def tiny_model(act_fn: str = "gelu", gated: bool = False, seed: int = 0) -> HookedTransformer:
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=16,
+        act_fn=act_fn, gated_mlp=gated, seed=seed,
+    )
+    model = HookedTransformer(cfg)
+    model.eval()
+    return model
+
+
+def random_sae(d_in: int, activation: str = "relu", d_sae: int = 48, seed: int = 1, **kw) -> SAE:
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, activation=activation,
+                    k=5 if activation == "topk" else None, **kw)
+    sae = SAE(cfg, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.W_enc.mul_(5)
+        sae.b_enc.copy_(0.05 * torch.randn(d_sae, generator=gen))
+        sae.b_dec.copy_(0.1 * torch.randn(d_in, generator=gen))
+        if activation == "jumprelu":
+            sae.threshold.fill_(0.05)
+    return sae
+
+
+def exact_identity_sae(d_in: int) -> SAE:
+    """``relu(x) − relu(−x) = x``: reconstructs every input exactly (``d_sae = 2 d_in``)."""
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=2 * d_in))
+    eye = torch.eye(d_in)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+    return sae
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread avoids OpenMP barrier stalls on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model() -> HookedTransformer:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+
+
+def flat(a: torch.Tensor, d_in: int) -> torch.Tensor:
+    return a if a.shape[-1] == d_in else a.flatten(-2)
+
+
+# --------------------------------------------------------------------- known answers
+@pytest.mark.parametrize("hook,d_in", HOOKS)
+def test_identity_splice_gives_clean_logits(model, tokens, hook, d_in):
+    clean = model(tokens)
+    with attach_sae(model, hook, exact_identity_sae(d_in)):
+        assert torch.equal(model(tokens), clean)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("hook,d_in", HOOKS)
+def test_splice_error_keeps_logits_for_any_sae(model, tokens, hook, d_in, activation):
+    clean = model(tokens)
+    sae = random_sae(d_in, activation)
+    with attach_sae(model, hook, sae, mode="splice_error"):
+        assert torch.equal(model(tokens), clean)
+        out, cache = model.run_with_cache(tokens)  # hooks inside: clean-error path
+    torch.testing.assert_close(out, clean, atol=1e-5, rtol=1e-5)
+    x = flat(cache[f"{hook}.hook_sae_input"], d_in)
+    err = cache[f"{hook}.hook_sae_error"]
+    torch.testing.assert_close(flat(err, d_in), x - sae(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("hook,d_in", HOOKS)
+def test_observe_caches_latents_and_keeps_logits(model, tokens, hook, d_in, activation):
+    clean = model(tokens)
+    sae = random_sae(d_in, activation)
+    with attach_sae(model, hook, sae, mode="observe") as h:
+        out, cache = model.run_with_cache(tokens)
+        assert torch.equal(out, clean)
+        x = cache[f"{hook}.hook_sae_input"]
+        assert x.shape[:2] == tokens.shape and x.shape[-1] == d_in
+        latents = cache[f"{hook}.hook_sae_acts_post"]
+        assert torch.equal(latents, sae.encode(x))
+        assert torch.equal(flat(cache[hook], d_in), x)  # activation untouched
+        assert torch.equal(h.latents, latents)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("hook,d_in", HOOKS)
+def test_splice_equals_manual_run_with_hooks(model, tokens, hook, d_in, activation):
+    sae = random_sae(d_in, activation)
+
+    def manual(act, hook):
+        return sae(flat(act, d_in)).reshape(act.shape)
+
+    with torch.no_grad():  # no-grad forward takes the sparse-decode paths
+        ref = model.run_with_hooks(tokens, fwd_hooks=[(hook, manual)])
+        with attach_sae(model, hook, sae):
+            out = model(tokens)
+            out_cached, cache = model.run_with_cache(tokens)
+    assert not torch.equal(ref, model(tokens))  # the SAE does change the output
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_cached, ref, atol=1e-5, rtol=1e-5)
+    recons = cache[f"{hook}.hook_sae_recons"]
+    torch.testing.assert_close(flat(cache[f"{hook}.hook_sae_output"], d_in), recons)
+
+
+def test_sparse_decode_paths_match_dense(model, tokens):
+    """TopK fast path and the sparse ReLU decode agree with the dense decode."""
+    hook = "blocks.0.hook_resid_pre"
+    for activation, d_sae in (("topk", 256), ("relu", 256)):
+        sae = random_sae(16, activation, d_sae=d_sae)
+        if activation == "relu":
+            with torch.no_grad():
+                sae.b_enc.fill_(-1.5)  # very sparse code
+        with torch.no_grad(), attach_sae(model, hook, sae):
+            fast = model(tokens)
+        with attach_sae(model, hook, sae):
+            dense = model(tokens)  # grad enabled: dense path
+        torch.testing.assert_close(fast, dense, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------- hook points
+def test_hook_points_named_like_sae_lens(model, tokens):
+    hook = "blocks.1.hook_resid_pre"
+    with attach_sae(model, hook, random_sae(16)):
+        for name in SAE_HOOK_NAMES:
+            assert f"{hook}.{name}" in model.hook_dict
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: "hook_sae" in n)
+        assert {f"{hook}.{n}" for n in SAE_HOOK_NAMES} == set(cache.keys())
+
+
+def test_run_with_hooks_intervention_on_latents(model, tokens):
+    hook, sae = "blocks.0.hook_resid_pre", random_sae(16)
+    clean = model(tokens)
+
+    def ablate(acts, hook):
+        return torch.zeros_like(acts)
+
+    name = f"{hook}.hook_sae_acts_post"
+    with attach_sae(model, hook, sae):
+        ablated = model.run_with_hooks(tokens, fwd_hooks=[(name, ablate)])
+    b_dec_only = model.run_with_hooks(
+        tokens, fwd_hooks=[(hook, lambda a, hook: sae.b_dec.expand_as(a).clone())])
+    torch.testing.assert_close(ablated, b_dec_only)
+    # splice_error: the intervention passes through (error term from the clean SAE pass)
+    with attach_sae(model, hook, sae, mode="splice_error"):
+        out = model.run_with_hooks(tokens, fwd_hooks=[(name, ablate)])
+        _, cache = model.run_with_cache(tokens)
+    x = cache[f"{hook}.hook_sae_input"]
+    expected = model.run_with_hooks(
+        tokens, fwd_hooks=[(hook, lambda a, hook: sae.b_dec + (x - sae(x)))])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, clean)
+
+
+def test_splice_error_gradients_reach_latents(model, tokens):
+    hook, sae = "blocks.1.attn.hook_z", random_sae(16)
+    kept = {}
+
+    def keep(acts, hook):
+        acts.retain_grad()
+        kept["acts"] = acts
+
+    with attach_sae(model, hook, sae, mode="splice_error"):
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(f"{hook}.hook_sae_acts_post", keep)])
+        logits.logsumexp(-1).sum().backward()
+    assert kept["acts"].grad is not None and kept["acts"].grad.abs().sum() > 0
+    assert sae.W_dec.grad is not None and sae.W_dec.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_several_saes_on_several_hooks(model, tokens):
+    s1, s2 = random_sae(16, "topk"), random_sae(32, "jumprelu")
+    h1, h2 = "blocks.0.hook_resid_pre", "blocks.1.mlp.hook_post"
+
+    def manual(sae):
+        return lambda a, hook: sae(a)
+
+    with torch.no_grad():
+        ref = model.run_with_hooks(tokens, fwd_hooks=[(h1, manual(s1)), (h2, manual(s2))])
+        with attach_sae(model, h1, s1), attach_sae(model, h2, s2, mode="splice"):
+            out, cache = model.run_with_cache(tokens)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert f"{h1}.hook_sae_acts_post" in cache and f"{h2}.hook_sae_acts_post" in cache
+
+
+def test_gated_mlp_model_hooks():
+    model = tiny_model(act_fn="silu", gated=True)
+    tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(3))
+    clean = model(tokens)
+    for hook, d_in in (("blocks.0.mlp.hook_pre_linear", 32), ("blocks.1.mlp.hook_post", 32)):
+        with attach_sae(model, hook, exact_identity_sae(d_in)):
+            assert torch.equal(model(tokens), clean)
+
+
+# ---------------------------------------------------------------- detach / restore
+def test_detach_restores_model_exactly(model, tokens):
+    clean = model(tokens)
+    before = dict(model.hook_dict)
+    h = attach_sae(model, "blocks.0.hook_resid_pre", random_sae(16))
+    h2 = attach_sae(model, "blocks.1.attn.hook_z", random_sae(16), mode="observe")
+    assert len(model.hook_dict) == len(before) + 12
+    assert not torch.equal(model(tokens), clean)
+    h.detach()
+    h2.detach()
+    h.detach()  # idempotent
+    assert model.hook_dict == before  # same names, same HookPoint objects
+    assert torch.equal(model(tokens), clean)
+    for hp in model.hook_dict.values():
+        assert not hp._forward_hooks and not hp._modules
+
+
+def test_detach_after_exception_in_block(model, tokens):
+    clean = model(tokens)
+    before = dict(model.hook_dict)
+    with pytest.raises(RuntimeError, match="boom"):
+        with attach_sae(model, "blocks.0.hook_resid_pre", random_sae(16)):
+            model(tokens)
+            raise RuntimeError("boom")
+    assert model.hook_dict == before and torch.equal(model(tokens), clean)
+
+
+def test_detach_after_exception_inside_forward(model, tokens):
+    clean = model(tokens)
+    before = dict(model.hook_dict)
+
+    def bad(acts, hook):
+        raise ValueError("hook failed")
+
+    with pytest.raises(ValueError, match="hook failed"):
+        with attach_sae(model, "blocks.1.hook_resid_pre", random_sae(16)):
+            model.run_with_hooks(
+                tokens, fwd_hooks=[("blocks.1.hook_resid_pre.hook_sae_acts_pre", bad)])
+    assert model.hook_dict == before and torch.equal(model(tokens), clean)
+    model.reset_hooks()
+
+
+def test_reset_hooks_does_not_remove_the_sae(model, tokens):
+    sae = random_sae(16)
+    with attach_sae(model, "blocks.0.hook_resid_pre", sae):
+        spliced = model(tokens)
+        model.reset_hooks(including_permanent=True)
+        assert torch.equal(model(tokens), spliced)
+
+
+# ---------------------------------------------------------------------- errors
+def test_bad_hook_name_names_valid_choices(model):
+    with pytest.raises(ValueError, match=r"blocks\.0\.hook_resid_pre.*hook_dict"):
+        attach_sae(model, "blocks.0.hook_resid_pr", random_sae(16))
+    with pytest.raises(ValueError, match="n_layers=2"):
+        attach_sae(model, "blocks.9.hook_resid_pre", random_sae(16))
+
+
+def test_d_in_mismatch_names_valid_d_in(model):
+    with pytest.raises(ValueError, match=r"valid d_in: \[32\]"):
+        attach_sae(model, "blocks.0.mlp.hook_post", random_sae(16))
+    with pytest.raises(ValueError, match=r"valid d_in: \[8, 16\]"):
+        attach_sae(model, "blocks.0.attn.hook_z", random_sae(12))
+    with pytest.raises(ValueError, match="attention patterns"):
+        attach_sae(model, "blocks.0.attn.hook_pattern", random_sae(16))
+
+
+def test_dtype_and_mode_and_double_attach_errors(model):
+    with pytest.raises(TypeError, match="float64.*sae.to"):
+        attach_sae(model, "blocks.0.hook_resid_pre", random_sae(16, dtype="float64"))
+    with pytest.raises(ValueError, match="splice_error"):
+        attach_sae(model, "blocks.0.hook_resid_pre", random_sae(16), mode="replace")
+    with pytest.raises(TypeError, match="tl_mdl.SAE or a sae_lens.SAE"):
+        attach_sae(model, "blocks.0.hook_resid_pre", torch.nn.Linear(16, 16))
+    with attach_sae(model, "blocks.0.hook_resid_pre", random_sae(16)):
+        with pytest.raises(RuntimeError, match="already attached"):
+            attach_sae(model, "blocks.0.hook_resid_pre", random_sae(16))
+
+
+def test_per_head_sae_on_hook_z(model, tokens):
+    """An SAE with d_in = d_head is applied to each head separately."""
+    sae = random_sae(8)
+    with torch.no_grad():
+        ref = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_z",
+                                                       lambda a, hook: sae(a))])
+        with attach_sae(model, "blocks.0.attn.hook_z", sae):
+            torch.testing.assert_close(model(tokens), ref, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------- activation store
+def test_store_harvests_several_hooks_in_one_pass(model, tokens):
+    hooks = ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_z", "blocks.0.mlp.hook_post"]
+    store = ActivationStore(model, hooks, tokens, batch_size=7, progress=False)
+    assert store.stop_at_layer == 1  # never runs block 1 or the unembedding
+    calls = []
+    handle = model.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        _, cache = model.run_with_cache(tokens)
+        calls.clear()
+        for h in hooks:
+            a = store.activations(h)
+            ref = cache[h].reshape(tokens.numel(), -1)
+            assert torch.equal(a, ref)
+        assert len(calls) == 1  # one model batch (model_batch_size=8 >= 4 sequences)
+    finally:
+        handle.remove()
+    assert store.d_in("blocks.0.attn.hook_z") == 16
+    with pytest.raises(TypeError, match=r"store\[hook_name\]"):
+        iter(store)
+    with pytest.raises(KeyError, match="not harvested"):
+        store["blocks.1.hook_resid_pre"]
+
+
+def test_store_iterates_shuffled_batches(model, tokens):
+    store = ActivationStore(model, "blocks.1.hook_resid_post", tokens, batch_size=10,
+                            progress=False, seed=3)
+    batches = list(store)
+    assert [b.shape for b in batches[:-1]] == [torch.Size([10, 16])] * (len(batches) - 1)
+    assert len(batches) == len(store) == 5 and batches[-1].shape[0] == 8
+    every = torch.cat(batches)
+    full = store.activations()
+    assert not torch.equal(every, full)  # shuffled
+    assert torch.equal(every.sort(0).values, full.sort(0).values)  # a permutation
+    assert not torch.equal(torch.cat(list(store)), every)  # reshuffled each pass
+    store_dl = ActivationStore(model, "blocks.1.hook_resid_post", tokens, batch_size=10,
+                               progress=False, drop_last=True)
+    assert len(list(store_dl)) == len(store_dl) == 4
+
+
+def test_store_windows_and_n_ctx(model):
+    stream = torch.arange(100) % 50
+    store = ActivationStore(model, "blocks.0.hook_resid_pre", stream, context_size=16,
+                            progress=False)
+    assert store.tokens.shape == (6, 16) and store.activations().shape == (96, 16)
+    long = torch.zeros(2, 40, dtype=torch.long)
+    with pytest.raises(ValueError, match="n_ctx=16"):
+        ActivationStore(model, "blocks.0.hook_resid_pre", long, progress=False)
+    assert ActivationStore(model, "blocks.0.hook_resid_pre", long, context_size=16,
+                           progress=False).tokens.shape == (4, 16)
+    with pytest.raises(ValueError, match="is not a hook point"):
+        ActivationStore(model, "blocks.0.hook_resid", long, context_size=16)
+
+
+def test_store_disk_cache_is_reused(model, tokens, tmp_path, monkeypatch):
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_z"]
+    kw = dict(batch_size=16, model_batch_size=3, progress=False, cache_dir=tmp_path,
+              buffer_size=20)
+    first = ActivationStore(model, hooks, tokens, **kw)
+    a = first.activations("blocks.1.attn.hook_z")
+    assert (tmp_path / "meta.json").is_file()
+    shards = sorted((tmp_path / "blocks.1.attn.hook_z").glob("*.safetensors"))
+    assert len(shards) == 2
+    from tl_mdl import load_activations
+
+    assert torch.equal(load_activations(tmp_path / "blocks.1.attn.hook_z"), a)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the model must not run when the cache is valid")
+
+    with monkeypatch.context() as m:
+        m.setattr(model, "forward", boom)
+        again = ActivationStore(model, hooks, tokens, **kw)
+        assert torch.equal(again.activations("blocks.1.attn.hook_z"), a)
+        rows = torch.cat(list(again["blocks.0.hook_resid_pre"]))
+        assert rows.shape == (tokens.numel(), 16)
+        assert torch.equal(rows.sort(0).values,
+                           again.activations("blocks.0.hook_resid_pre").sort(0).values)
+    other = ActivationStore(model, hooks, tokens.flip(0), **kw)  # stale cache: re-harvest
+    assert not torch.equal(other.activations("blocks.1.attn.hook_z"), a)
+
+
+def test_train_sae_accepts_store(model, tokens):
+    from tl_mdl import train_sae
+
+    store = ActivationStore(model, "blocks.0.hook_resid_pre", tokens, batch_size=16,
+                            progress=False)
+    sae = train_sae(store, SAEConfig(d_in=16, d_sae=32), "l1", steps=3, progress=False)
+    assert isinstance(sae, SAE)
+
+
+# ------------------------------------------------------------------ model losses
+def test_model_losses_registered():
+    assert {"ce", "kl"} <= set(MODEL_LOSSES)
+
+
+@pytest.mark.parametrize("hook,d_in", [("blocks.1.hook_resid_pre", 16),
+                                       ("blocks.1.attn.hook_z", 16),
+                                       ("blocks.0.mlp.hook_post", 32)])
+def test_ce_and_kl_losses_match_spliced_model(model, tokens, hook, d_in):
+    sae = random_sae(d_in)
+    ce = build_model_loss("ce", sae=sae, model=model, hook_name=hook, tokens=tokens,
+                          batch_size=3)
+    kl = build_model_loss("kl", sae=sae, model=model, hook_name=hook, tokens=tokens)
+    clean = model(tokens)
+    with attach_sae(model, hook, sae):
+        spliced = model(tokens)
+        ce_ref = float(model(tokens, return_type="loss"))
+    assert ce(None) == pytest.approx(ce_ref, rel=1e-5)
+    assert kl(None) == pytest.approx(kl_divergence(clean, spliced), rel=1e-4, abs=1e-7)
+    w = 0.3
+
+    def quantised(act, hook):
+        x = flat(act, d_in)
+        f = sae.encode(x)
+        return sae.decode(dequantize(quantize(f, w), w, f.dtype)).reshape(act.shape)
+
+    q_logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, quantised)])
+    assert kl(w) == pytest.approx(kl_divergence(clean, q_logits), rel=1e-4, abs=1e-7)
+    assert ce(w) != ce(None)
+
+
+def test_identity_sae_loss_is_clean(model, tokens):
+    hook = "blocks.1.hook_resid_pre"
+    kl = build_model_loss("kl", sae=exact_identity_sae(16), model=model, hook_name=hook,
+                          tokens=tokens)
+    assert kl(None) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_model_loss_errors(model, tokens):
+    sae = random_sae(16)
+    with pytest.raises(ValueError, match="n_ctx=16"):
+        build_model_loss("ce", sae=sae, model=model, hook_name="blocks.0.hook_resid_pre",
+                         tokens=torch.zeros(2, 20, dtype=torch.long))
+    with pytest.raises(ValueError, match="needs model="):
+        build_model_loss("kl", sae=sae, model=None, hook_name=None, tokens=None)
