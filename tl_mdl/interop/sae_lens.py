@@ -92,6 +92,11 @@ def from_sae_lens(sae: Any, *, norm_scaling_factor: float | None = None) -> SAE:
     cfg = sae.cfg
     arch = cfg.architecture()
     norm = cfg.normalize_activations
+    if arch not in ("standard", "topk", "jumprelu"):
+        raise ValueError(
+            f"SAELens architecture {arch!r} has no tl_mdl equivalent; supported: "
+            "['standard', 'topk', 'jumprelu']"
+        )
     if norm not in _RUNTIME_IDENTITY_NORMS:
         raise ValueError(
             f"normalize_activations={norm!r} depends on each input and cannot be folded into "
@@ -113,14 +118,9 @@ def from_sae_lens(sae: Any, *, norm_scaling_factor: float | None = None) -> SAE:
         if getattr(cfg, "rescale_acts_by_decoder_norm", False):
             n = W_dec.norm(dim=-1)
             W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
-    elif arch == "jumprelu":
+    else:  # jumprelu
         activation = "jumprelu"
         threshold = sae.threshold.detach().clone().clamp_min(0)
-    else:
-        raise ValueError(
-            f"SAELens architecture {arch!r} has no tl_mdl equivalent; supported: "
-            "['standard', 'topk', 'jumprelu']"
-        )
     if norm_scaling_factor is not None:
         s = float(norm_scaling_factor)
         W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s

@@ -1,0 +1,180 @@
+"""SAELens interop: lossless conversion both ways, same logits as HookedSAETransformer,
+SAELens loading tl_mdl saves, and the tl_mdl_mdl training architecture."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from sae_lens import SAE as SLSAE
+from sae_lens import HookedSAETransformer, SAETrainer
+from sae_lens.config import SAETrainerConfig
+from sae_lens.registry import get_sae_training_class
+from sae_lens.saes.sae import TrainStepInput
+from test_hooks import random_sae
+from transformer_lens import HookedTransformerConfig
+
+from tl_mdl import SAE, attach_sae, from_sae_lens, to_sae_lens
+from tl_mdl.interop.sae_lens import MDL_ARCHITECTURE, MDLTrainingSAE, MDLTrainingSAEConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+CASES = [
+    ("blocks.0.hook_resid_pre", 16, "relu"),
+    ("blocks.1.attn.hook_z", 16, "topk"),
+    ("blocks.0.mlp.hook_post", 32, "jumprelu"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model() -> HookedSAETransformer:
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32,
+                                  d_vocab=50, n_ctx=16, act_fn="gelu", seed=0)
+    return HookedSAETransformer(cfg)
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(2))
+
+
+def sl_logits(model, sae, tokens, **kw):
+    model.add_sae(sae, **kw)
+    try:
+        return model(tokens)
+    finally:
+        model.reset_saes()
+
+
+@pytest.mark.parametrize("hook,d_in,activation", CASES)
+def test_round_trip_is_lossless(hook, d_in, activation):
+    sae = random_sae(d_in, activation, hook_name=hook, metadata={"model_name": "tiny"})
+    sl = to_sae_lens(sae)
+    assert sl.cfg.architecture() == sae.cfg.architecture
+    assert sl.cfg.metadata.hook_name == hook and sl.cfg.metadata.model_name == "tiny"
+    assert sl.cfg.reshape_activations == ("hook_z" if hook.endswith("hook_z") else "none")
+    back = from_sae_lens(sl)
+    assert back.cfg == sae.cfg
+    for (k, a), (k2, b) in zip(sae.state_dict().items(), back.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("hook,d_in,activation", CASES)
+def test_same_logits_as_hooked_sae_transformer(model, tokens, hook, d_in, activation):
+    sae = random_sae(d_in, activation, hook_name=hook)
+    sl = to_sae_lens(sae)
+    ref = sl_logits(model, sl, tokens)
+    with attach_sae(model, hook, sae):  # tl_mdl SAE
+        ours = model(tokens)
+    with attach_sae(model, hook, sl):  # the SAELens object itself
+        ours_sl = model(tokens)
+    with attach_sae(model, hook, from_sae_lens(sl)):  # converted back
+        ours_back = model(tokens)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    assert torch.equal(ours_sl, ref) and torch.equal(ours_back, ours)
+    # splice_error and the cached latents match SAELens's use_error_term
+    ref_err = sl_logits(model, sl, tokens, use_error_term=True)
+    with attach_sae(model, hook, sae, mode="splice_error"):
+        torch.testing.assert_close(model(tokens), ref_err, atol=1e-6, rtol=1e-6)
+    model.add_sae(sl)
+    _, ref_cache = model.run_with_cache(tokens)
+    model.reset_saes()
+    with attach_sae(model, hook, sae):
+        _, cache = model.run_with_cache(tokens)
+    name = f"{hook}.hook_sae_acts_post"
+    torch.testing.assert_close(cache[name], ref_cache[name], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("hook,d_in,activation", CASES)
+def test_sae_lens_loads_tl_mdl_save(tmp_path, hook, d_in, activation):
+    sae = random_sae(d_in, activation, hook_name=hook)
+    sae.save(tmp_path)
+    sl = SLSAE.load_from_disk(tmp_path)
+    x = torch.randn(7, d_in, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sl.decode(sl.encode(x)), sae(x), atol=1e-6, rtol=1e-6)
+
+
+def _sl_sae(arch: str, d_in=16, d_sae=40, **cfg):
+    d = {"architecture": arch, "d_in": d_in, "d_sae": d_sae, "metadata": {"hook_name":
+         "blocks.0.hook_resid_pre"}, **cfg}
+    sl = SLSAE.from_dict(d)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in sl.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return sl
+
+
+def test_topk_rescale_by_decoder_norm_is_folded():
+    sl = _sl_sae("topk", k=4, rescale_acts_by_decoder_norm=True)
+    ours = from_sae_lens(sl)
+    x = torch.randn(20, 16, generator=torch.Generator().manual_seed(1))
+    f_ref = sl.encode(x)
+    torch.testing.assert_close(ours.encode(x), f_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours(x), sl.decode(f_ref), atol=1e-5, rtol=1e-5)
+
+
+def test_jumprelu_negative_thresholds():
+    sl = _sl_sae("jumprelu")
+    with torch.no_grad():
+        sl.threshold.copy_(torch.linspace(-0.5, 0.5, 40))
+    ours = from_sae_lens(sl)
+    x = torch.randn(30, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours.encode(x), sl.encode(x))
+    assert bool((ours.threshold >= 0).all())
+    with torch.no_grad():
+        ours.threshold[0] = -0.1
+    with pytest.raises(ValueError, match="thresholds are < 0"):
+        to_sae_lens(ours)
+
+
+def test_normalisation_folded_or_rejected():
+    sl = _sl_sae("standard", normalize_activations="expected_average_only_in")
+    x = torch.randn(10, 16, generator=torch.Generator().manual_seed(3))
+    plain = from_sae_lens(sl)  # identity at inference in SAELens: weights as they are
+    torch.testing.assert_close(plain(x), sl.decode(sl.encode(x)))
+    assert plain.cfg.metadata["sae_lens_normalize_activations"] == "expected_average_only_in"
+    folded = from_sae_lens(sl, norm_scaling_factor=2.5)
+    sl.fold_activation_norm_scaling_factor(2.5)
+    torch.testing.assert_close(folded(x), sl.decode(sl.encode(x)))
+    with pytest.raises(ValueError, match="'layer_norm'"):
+        from_sae_lens(_sl_sae("standard", normalize_activations="layer_norm"))
+    with pytest.raises(ValueError, match="'gated'"):
+        from_sae_lens(_sl_sae("gated"))
+    with pytest.raises(TypeError, match="sae_lens.SAE"):
+        from_sae_lens(random_sae(16))
+
+
+def test_mdl_training_architecture_in_sae_lens_trainer(tmp_path):
+    assert get_sae_training_class(MDL_ARCHITECTURE) == (MDLTrainingSAE, MDLTrainingSAEConfig)
+    cfg = MDLTrainingSAEConfig(d_in=8, d_sae=24, mdl_coefficient=0.05)
+    sae = MDLTrainingSAE(cfg)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=gen) @ torch.randn(8, 8, generator=gen)
+    out = sae.training_forward_pass(TrainStepInput(
+        sae_in=x, coefficients={"mdl": 0.05}, dead_neuron_mask=None, n_training_steps=0,
+        is_logging_step=False))
+    assert set(out.losses) == {"mse_loss", "mdl_loss"} and out.losses["mdl_loss"] > 0
+    out.loss.backward()
+    assert sae.W_enc.grad is not None
+
+    batches = (x[torch.randperm(64, generator=gen)[:16]] for _ in itertools.count())
+    trainer_cfg = SAETrainerConfig(total_training_samples=16 * 20, train_batch_size_samples=16,
+                                   lr=1e-2, lr_end=1e-2, device="cpu")
+    trained = SAETrainer(trainer_cfg, MDLTrainingSAE(cfg), batches).fit()
+    trained.save_inference_model(tmp_path)
+    loaded = SAE.load(tmp_path)  # saves as a plain "standard" SAE
+    torch.testing.assert_close(loaded(x), trained.decode(trained.encode(x)), atol=1e-5,
+                               rtol=1e-5)
+    assert type(SLSAE.load_from_disk(tmp_path)).__name__ == "StandardSAE"
+    topk = MDLTrainingSAE(MDLTrainingSAEConfig(d_in=8, d_sae=24, k=3))
+    assert int((topk.encode(x) != 0).sum(-1).max()) <= 3
