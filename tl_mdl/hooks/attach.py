@@ -197,8 +197,8 @@ def decode_maybe_sparse(
         or acts.device.type != "cpu"
     ):
         return torch.addmm(b_dec, acts, W_dec)
-    nnz = int(torch.count_nonzero(acts))
-    if nnz > SPARSE_DECODE_MAX_DENSITY * n * f:
+    probe = acts[:: max(1, n // 64)]  # density estimate from ~64 rows, not a full pass
+    if int(torch.count_nonzero(probe)) > SPARSE_DECODE_MAX_DENSITY * probe.numel():
         return torch.addmm(b_dec, acts, W_dec)
     rows, cols = acts.nonzero(as_tuple=True)
     offsets = torch.searchsorted(rows, torch.arange(n, device=rows.device))
@@ -233,11 +233,21 @@ class _Kernel:
 class _TlMdlKernel(_Kernel):
     sae: SAE
 
+    def _encode_pre(self, x: Tensor) -> Tensor:
+        sae = self.sae
+        if type(sae).encode_pre is not SAE.encode_pre or x.dtype != sae.W_enc.dtype:
+            return sae.encode_pre(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        if sae.cfg.apply_b_dec_to_input:
+            x2 = x2 - sae.b_dec
+        # one fused GEMM + bias (same value as SAE.encode_pre)
+        return torch.addmm(sae.b_enc, x2, sae.W_enc).reshape(*x.shape[:-1], -1)
+
     def run(self, x, *, use_hooks=True, need_acts=False, need_recons=True):
         sae, h = self.sae, self.hooks
         lead = x.shape[:-1]
         x = _fire(h["hook_sae_input"], x, use_hooks)
-        pre = _fire(h["hook_sae_acts_pre"], sae.encode_pre(x), use_hooks)
+        pre = _fire(h["hook_sae_acts_pre"], self._encode_pre(x), use_hooks)
         need_grad = torch.is_grad_enabled() and (pre.requires_grad or sae.W_dec.requires_grad)
         acts: Tensor | None = None
         recons: Tensor | None = None
