@@ -20,4 +20,25 @@ from tl_mdl.hooks import ActivationStore, SAEHandle, attach_sae
 from tl_mdl.interop import from_sae_lens, to_sae_lens
 from tl_mdl.metrics import evaluate, explained_variance, fvu
 
+# isort: split
+# bilinear
+from tl_mdl.bilinear import (
+    BilinearMLP,
+    BilinearSwap,
+    Eigen,
+    EigenAblation,
+    OutputSVD,
+    TruncationCurve,
+    ablate_eigen,
+    anneal_to_bilinear,
+    bilinear_transformer,
+    eigen_expansion,
+    eigendecompose,
+    interaction_matrix,
+    iter_eigendecompose,
+    output_svd,
+    to_bilinear,
+    truncation_curve,
+)
+
 __version__ = "0.1.0"
