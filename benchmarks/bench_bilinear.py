@@ -151,11 +151,15 @@ def main() -> None:
     res = {}
     for v in args.variants.split(","):
         res[v] = run_variant(v, args)
-        print(f"#   {v:6s} {res[v]['seconds']:8.2f} s  peak +{res[v]['peak_mb']:8.1f} MB", flush=True)
+        r = res[v]
+        print(f"#   {v:6s} {r['seconds']:8.2f} s  peak +{r['peak_mb']:8.1f} MB", flush=True)
 
     def line(name, ours, base, unit, target=None):
         tgt = f"  (target {target})" if target else ""
-        print(f"{name}: ours {ours:.2f} {unit}, baseline {base:.2f} {unit}, ratio {ours / base:.3f}{tgt}")
+        print(
+            f"{name}: ours {ours:.2f} {unit}, baseline {base:.2f} {unit}, "
+            f"ratio {ours / base:.3f}{tgt}"
+        )
 
     if "ours" in res and "naive" in res:
         a, b = res["ours"].get("abs_values_head"), res["naive"].get("abs_values_head")
