@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check tl_mdl tests demos benchmarks
 
 bench: $(STAMP)
-	$(PY) -m pip install -q '.[bench]'
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m pip install -q --no-deps 'sae-bench==0.6.*' || echo "sae-bench unavailable: SAEBench baseline skipped"
 	MPLBACKEND=Agg $(PY) benchmarks/run_all.py
 

@@ -156,23 +156,11 @@ def crafted(header: bytes, payload: bytes = b"") -> bytes:
     return MAGIC + struct.pack("<I", zlib.crc32(body)) + body
 
 
-@pytest.mark.xfail(
-    reason="BUG: codec.decode of a stream whose magic and CRC are valid but whose header is "
-    "not zlib data raises zlib.error ('Error -3 while decompressing data: incorrect header "
-    "check'), not a ValueError naming the latent code as corrupted",
-    strict=True,
-)
 def test_crc_valid_garbage_header_is_value_error():
     with pytest.raises(ValueError, match="corrupt|latent code"):
         codec.decode(crafted(b"garbage header"))
 
 
-@pytest.mark.xfail(
-    reason="BUG: codec.decode does not validate the header model: a CRC-valid header claiming "
-    "N=2, F=1 with active count 5 > N (counts/histograms inconsistent) decodes silently to "
-    "an all-zero [2, 1] code instead of raising ValueError",
-    strict=True,
-)
 def test_crc_valid_inconsistent_header_is_value_error():
     header = zlib.compress(np.array([2, 1, 5, 1, 3, 1], dtype="<i8").tobytes())
     with pytest.raises(ValueError):

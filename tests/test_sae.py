@@ -304,21 +304,13 @@ def test_load_missing_tensor(tmp_path):
 # ---------------------------------------------------------------- decoder normalisation
 
 
-TOPK_NORM_BUG = (
-    "BUG: SAE.set_decoder_norm_to_unit_norm claims forward is unchanged for TopK, but it "
-    "rescales each feature's pre-activation by its old decoder norm (W_enc *= norms, "
-    "b_enc *= norms), which changes which k features are largest, so TopK outputs change"
-)
-
-
 @pytest.mark.parametrize(
     "activation, kw",
     [
         ("relu", {}),
-        pytest.param("topk", {"k": 3}, marks=pytest.mark.xfail(reason=TOPK_NORM_BUG, strict=True)),
         ("jumprelu", {}),
     ],
-    ids=ACT_IDS,
+    ids=["relu", "jumprelu"],
 )
 def test_set_decoder_norm_to_unit_norm_preserves_forward(activation, kw):
     sae = make_sae(activation, **kw)
@@ -333,3 +325,11 @@ def test_set_decoder_norm_to_unit_norm_preserves_forward(activation, kw):
         # latents scale by the old decoder norms; their support is unchanged
         torch.testing.assert_close(sae.encode(x), before_f * norms, rtol=1e-10, atol=1e-10)
         assert math.isfinite(float(sae(x).sum()))
+
+
+def test_set_decoder_norm_to_unit_norm_refuses_topk():
+    sae = make_sae("topk", k=3)
+    with pytest.raises(ValueError, match="allow_topk"):
+        sae.set_decoder_norm_to_unit_norm()
+    sae.set_decoder_norm_to_unit_norm(allow_topk=True)
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(10, dtype=torch.float64))

@@ -124,9 +124,48 @@ def _parse(data: bytes):
         )
     if zlib.crc32(body) != crc:
         raise ValueError("latent code is corrupted (CRC32 mismatch)")
-    header = np.frombuffer(zlib.decompress(body[16 : 16 + header_len]), dtype="<i8")
+    try:
+        raw = zlib.decompress(body[16 : 16 + header_len])
+    except zlib.error as e:
+        raise ValueError(f"latent code header is corrupted ({e})") from e
+    if len(raw) % 8:
+        raise ValueError("latent code header is corrupted (not a whole number of int64)")
+    header = np.frombuffer(raw, dtype="<i8")
+    _validate_header(header)
     payload = np.frombuffer(body[16 + header_len :], dtype="<u4").astype(np.uint32)
     return header, payload, header_len
+
+
+def _validate_header(header: np.ndarray) -> None:
+    """The model must be self-consistent: 0 <= c_i <= N, histograms summing to c_i."""
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"latent code header is corrupted: {why}")
+
+    if header.size < 2:
+        raise bad("too short")
+    n, f = int(header[0]), int(header[1])
+    if n <= 0 or f < 0 or header.size < 2 + 2 * f:
+        raise bad(f"N={n}, F={f} with {header.size} header values")
+    counts, n_distinct = header[2 : 2 + f], header[2 + f : 2 + 2 * f]
+    total = int(n_distinct.sum()) if f else 0
+    if header.size != 2 + 2 * f + 2 * total:
+        raise bad(f"{header.size} values, expected {2 + 2 * f + 2 * total}")
+    if (counts < 0).any() or (counts > n).any():
+        raise bad(f"active counts outside [0, N={n}]")
+    if (n_distinct < 0).any() or ((n_distinct == 0) != (counts == 0)).any():
+        raise bad("distinct-value counts inconsistent with active counts")
+    uvals = header[2 + 2 * f : 2 + 2 * f + total]
+    ucounts = header[2 + 2 * f + total :]
+    if (uvals == 0).any() or (ucounts <= 0).any():
+        raise bad("value histograms contain zeros")
+    sums = (
+        np.add.reduceat(ucounts, np.concatenate([[0], np.cumsum(n_distinct)[:-1]]))
+        if total
+        else np.zeros(0, dtype=np.int64)
+    )
+    if total and not np.array_equal(sums[n_distinct > 0], counts[n_distinct > 0]):
+        raise bad("value histograms do not sum to the active counts")
 
 
 def inspect(data: bytes) -> CodecStats:

@@ -158,9 +158,17 @@ class SAE(nn.Module):
         return self.decode(self.encode(x))
 
     @torch.no_grad()
-    def set_decoder_norm_to_unit_norm(self) -> None:
-        """Scale decoder rows to unit norm, compensating in the encoder so ``forward`` is
-        unchanged for ReLU/TopK SAEs (and JumpReLU thresholds)."""
+    def set_decoder_norm_to_unit_norm(self, *, allow_topk: bool = False) -> None:
+        """Scale decoder rows to unit norm, compensating in the encoder (and JumpReLU
+        thresholds) so ``forward`` is unchanged for ReLU and JumpReLU SAEs.
+
+        For TopK it is *not* output-preserving: rescaling pre-activations per feature changes
+        which ``k`` are largest, so it raises unless ``allow_topk=True``."""
+        if self.cfg.activation == "topk" and not allow_topk:
+            raise ValueError(
+                "set_decoder_norm_to_unit_norm changes which latents a TopK SAE keeps; "
+                "pass allow_topk=True to do it anyway"
+            )
         norms = self.W_dec.norm(dim=-1).clamp_min(1e-12)
         self.W_dec /= norms[:, None]
         self.W_enc *= norms[None, :]

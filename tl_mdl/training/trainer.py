@@ -235,9 +235,7 @@ def train_sae(
         start, history = int(meta["step"]), list(meta["history"])
     else:
         _init_b_dec(sae, activations if isinstance(activations, Tensor) else None)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc, total))
-    for _ in range(start):
-        sched.step()
+    lr_at = _lr_lambda(tc, total)
     fn = get_objective(objective)
 
     bar = tqdm(
@@ -277,13 +275,14 @@ def train_sae(
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                for group in opt.param_groups:  # schedule is a pure function of the step
+                    group["lr"] = tc.lr * lr_at(step)
                 opt.step()
-                sched.step()
                 done = step + 1
                 if step % tc.log_every == 0 or done == total:
                     rec = {
                         "step": step,
-                        "loss": float(loss),
+                        "loss": float(loss.detach()),
                         **parts,
                         "l0": float((latents != 0).sum(-1).float().mean()),
                     }
