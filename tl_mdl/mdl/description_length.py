@@ -15,11 +15,11 @@ from torch import Tensor
 
 from tl_mdl._io import load_activations
 from tl_mdl.mdl.losses import LossFn, build_model_loss
-from tl_mdl.mdl.precision import SearchResult, search_bin_width
+from tl_mdl.mdl.precision import STEPS_PER_OCTAVE, SearchResult, search_bin_width
 from tl_mdl.mdl.quantize import (
     _check_bin_width,
-    feature_code_stats,
-    quantize,
+    _xlog2x,
+    sparse_code_stats,
     total_variance,
     value_entropy,
 )
@@ -105,10 +105,15 @@ class DLReport:
 
 @torch.no_grad()
 def encode_all(
-    sae: SAE, activations: Float[Tensor, "n d_in"], *, batch_size: int = _CHUNK
+    sae: SAE, activations: Float[Tensor, "n d_in"], *, batch_size: int | None = None
 ) -> Float[Tensor, "n d_sae"]:
-    """``sae.encode`` over all rows in chunks, on the SAE's device; returns latents there."""
+    """``sae.encode`` over all rows in chunks of ``batch_size`` rows (default: about 2^25
+    latents per chunk, at least 8192 rows), on the SAE's device; returns latents there."""
     dev = sae.W_enc.device
+    if batch_size is None:
+        batch_size = max(_CHUNK, (1 << 25) // max(sae.cfg.d_sae, 1))
+    if activations.shape[0] <= batch_size:
+        return sae.encode(activations.to(dev))
     out = [
         sae.encode(activations[i : i + batch_size].to(dev))
         for i in range(0, activations.shape[0], batch_size)
@@ -116,54 +121,220 @@ def encode_all(
     return torch.cat(out)
 
 
+#: A quantised code with at most this fraction of nonzero entries is decoded as a sparse
+#: product (a weighted embedding bag over decoder rows); denser codes use the dense GEMM.
+_SPARSE_DENSITY = 0.2
+#: rows of the subsample on which the proxy loss is evaluated during bracketing.
+_PROXY_ROWS = 128
+#: elements of the activations sampled for the raw cost's proxy.
+_PROXY_ELEMENTS = 1 << 15
+#: candidates for the exact code are extracted this many grid steps below the width asked for.
+_CANDIDATE_MARGIN_STEPS = 1
+
+
+class _Candidates:
+    """Entries of an ``[n, f]`` latent matrix with ``|f| > tau``: flat index (row-major),
+    value, column, and per-row offsets (for ``embedding_bag``)."""
+
+    def __init__(self, tau: float, idx: Tensor, values: Tensor, n: int, f: int):
+        self.tau, self.idx, self.values = tau, idx, values
+        self.values64 = values.double()
+        itype = torch.int32 if n * f < 2**31 else torch.int64
+        rows = idx // f
+        self.cols = (idx - rows * f).to(itype)
+        self.offsets = torch.zeros(n, dtype=itype, device=idx.device)
+        self.offsets[1:] = torch.bincount(rows, minlength=n)[:-1].cumsum(0)
+        self._q: dict[float, Tensor] = {}
+
+    def quantized(self, w: float) -> Tensor:
+        """``round(values.double() / w)`` (float64, integer-valued; cached, do not modify)."""
+        if w not in self._q:
+            if len(self._q) >= 2:
+                self._q.pop(next(iter(self._q)))
+            self._q[w] = torch.round(self.values64 / w)
+        return self._q[w]
+
+
+def _sum_sq(t: Tensor) -> float:
+    """``Σ t²``: per-row sums in the tensor's dtype, accumulated over rows in float64."""
+    t = t.reshape(-1, t.shape[-1]) if t.ndim else t.reshape(1, 1)
+    return float((t * t).sum(-1).double().sum())
+
+
+def _sample_rows(n: int, k: int, device) -> Tensor:
+    """``min(n, k)`` distinct rows, reproducibly (seeded), sorted."""
+    if n <= k:
+        return torch.arange(n, device=device)
+    gen = torch.Generator().manual_seed(0)
+    return torch.randperm(n, generator=gen)[:k].sort().values.to(device)
+
+
 class _QuantizedFVU:
     """``w -> FVU(x, decode(round(f/w)·w)) − FVU(x, decode(f))`` with latents ``f``
-    encoded once; each call is one (chunked) decode GEMM of the quantised code."""
+    encoded once.
 
-    def __init__(self, sae: SAE, x: Tensor, latents: Tensor):
+    Each call evaluates that exactly on all inputs. The code ``q = round(f.double() / w)``
+    (:func:`~tl_mdl.mdl.quantize.quantize`'s semantics) is computed only over *candidates*,
+    the entries with ``|f| > τ`` for some ``τ < w/2`` (every other entry quantises to 0),
+    and ``q · w`` is decoded as a weighted embedding bag over decoder rows (a sparse
+    product; entries that round to 0 weigh 0) when the candidates are sparse, else by the
+    dense GEMM. :meth:`proxy` is a cheap estimate on a row subsample, used only to bracket
+    the search."""
+
+    def __init__(self, sae: SAE, x: Tensor, latents: Tensor, tv: float | None = None):
         self.sae, self.latents = sae, latents
-        self.resid = x.to(latents.device, sae.W_dec.dtype) - sae.b_dec  # x − b_dec
-        self.tv = total_variance(x)
-        self.fvu = self._sse(latents) / self.tv
+        self.n, self.f = latents.shape
+        self.W = sae.W_dec.detach()
+        self.resid = x.to(latents.device, self.W.dtype) - sae.b_dec.detach()  # x − b_dec
+        self.tv = total_variance(x) if tv is None else tv
+        lo, hi = torch.aminmax(latents)
+        self.nonneg = bool(lo >= 0)
+        self.abs_max = max(-float(lo), float(hi))
+        self._cand: _Candidates | None = None
+        self.n_nonzero = int(latents.bool().sum())
+        if self.n_nonzero <= _SPARSE_DENSITY * latents.numel():
+            self._cand = self._extract(0.0)  # candidates = all nonzero latents
+            self.sse0 = self._sse_candidates(self._cand, self._cand.values.to(self.W.dtype))
+        else:
+            self.sse0 = self._sse_dense(latents)
+        self.fvu = self.sse0 / self.tv
+        self._proxy_state: tuple[Tensor, Tensor, Tensor] | None = None
+
+    # ----------------------------------------------------------------- exact
+    def _extract(self, tau: float) -> _Candidates:
+        lat = self.latents
+        mask = (lat > tau) if self.nonneg else (lat.abs() > tau)
+        idx = torch.nonzero(mask.reshape(-1)).squeeze(1)
+        return _Candidates(tau, idx, lat.reshape(-1)[idx], self.n, self.f)
+
+    def _candidates(self, w: float) -> _Candidates:
+        """Candidates covering every entry that is nonzero at width ``w``."""
+        # |f| <= τ < w/2 (with margin for float32 τ and float64 division) ⇒ q = 0.
+        if self._cand is None or self._cand.tau > 0.5 * w * (1 - 1e-6):
+            shrink = 2.0 ** (-_CANDIDATE_MARGIN_STEPS / STEPS_PER_OCTAVE)
+            tau = 0.5 * w * shrink * (1 - 1e-6)
+            self._cand = self._extract(float(torch.tensor(tau, dtype=self.latents.dtype)))
+        return self._cand
+
+    def code(self, w: float) -> tuple[Tensor, Tensor]:
+        """Flat indices (row-major) and int64 values of the nonzero entries of
+        ``q = round(latents.double() / w)``: the same code as ``quantize(latents, w)``."""
+        cand = self._candidates(w)
+        q = cand.quantized(w)
+        keep = torch.nonzero(q).squeeze(1)
+        return cand.idx[keep], q[keep].to(torch.int64)
+
+    def _sse_candidates(self, cand: _Candidates, weights: Tensor) -> float:
+        """``Σ ‖(x − b_dec) − c W_dec‖²`` for the code ``c`` equal to ``weights`` on the
+        candidates and 0 elsewhere."""
+        if cand.idx.numel() > _SPARSE_DENSITY * self.n * self.f:
+            codes = torch.zeros(self.n * self.f, dtype=self.W.dtype, device=self.W.device)
+            codes[cand.idx] = weights
+            return self._sse_dense(codes.view(self.n, self.f))
+        # row n of c W_dec = Σ_{candidates i of row n} c[n, i] W_dec[i]
+        recon = torch.nn.functional.embedding_bag(
+            cand.cols, self.W, cand.offsets, mode="sum", per_sample_weights=weights
+        )
+        return _sum_sq(self.resid - recon)
 
     @torch.no_grad()
-    def _sse(self, codes: Tensor) -> float:
+    def _sse_dense(self, codes: Tensor) -> float:
         sse = 0.0
         for i in range(0, codes.shape[0], _CHUNK):
-            err = self.resid[i : i + _CHUNK] - codes[i : i + _CHUNK] @ self.sae.W_dec
-            sse += float(err.double().pow(2).sum())
+            err = self.resid[i : i + _CHUNK] - codes[i : i + _CHUNK] @ self.W
+            sse += _sum_sq(err)
         return sse
 
     def quantized_fvu(self, w: float) -> float:
-        codes = (torch.round(self.latents.double() / w) * w).to(self.latents.dtype)
-        return self._sse(codes) / self.tv
+        cand = self._candidates(w)
+        # the decoder sees q · w, as float64 rounded to the decoder's dtype (like dequantize)
+        weights = (cand.quantized(w) * w).to(self.W.dtype)
+        return self._sse_candidates(cand, weights) / self.tv
 
     def __call__(self, w: float) -> float:
         return self.quantized_fvu(w) - self.fvu
 
+    # ----------------------------------------------------------------- proxy
+    def proxy(self, w: float) -> float:
+        """Estimate of ``self(w)`` from a row subsample, without the decoder's off-diagonal
+        terms: ``N/S · Σ_{n∈S,i} (δ²‖W_dec[i]‖² − 2 δ ⟨r_n, W_dec[i]⟩) / TV`` with
+        ``δ = round(f/w)·w − f`` and ``r`` the unquantised residual. O(S·F) per call."""
+        if self._proxy_state is None:
+            rows = _sample_rows(self.n, _PROXY_ROWS, self.latents.device)
+            fs = self.latents[rows]
+            r = self.resid[rows] - fs @ self.W
+            self._proxy_state = (fs, 2 * (r @ self.W.T), self.W.pow(2).sum(1))
+        fs, rw2, g = self._proxy_state
+        delta = torch.round(fs * (1 / w)).mul_(w).sub_(fs)
+        val = float(((delta * g).sub_(rw2).mul_(delta)).sum(-1).double().sum())
+        return val * self.n / fs.shape[0] / self.tv
+
     def guess(self, tolerance: float) -> float:
         """Width where uniform rounding noise (variance w²/12 per active latent) would
         use up the tolerance: ``w² / 12 · Σ_{n,a active} ‖W_dec[a]‖² = tol · TV``."""
-        active = (self.latents != 0).sum(0).double()
-        energy = float((active * self.sae.W_dec.double().pow(2).sum(1)).sum())
+        fs = self.latents[_sample_rows(self.n, 4 * _PROXY_ROWS, self.latents.device)]
+        active = (fs != 0).sum(0).double() * (self.n / fs.shape[0])
+        energy = float((active * self.W.double().pow(2).sum(1)).sum())
         return math.sqrt(12 * tolerance * self.tv / energy) if energy > 0 else 1.0
 
 
-def _raw_cost(x: Tensor, tolerance: float) -> tuple[float, float]:
+def _raw_cost(
+    x: Tensor, tolerance: float, tv: float | None = None, abs_max: float | None = None
+) -> tuple[float, float]:
     """Bits per input to code the activations themselves, each dimension with its own
-    empirical distribution, at the coarsest grid width with FVU ≤ tolerance."""
-    xd = x.double()
-    tv = total_variance(x)
+    empirical distribution, at the coarsest grid width with FVU ≤ tolerance.
+
+    The FVU of ``round(x/w)·w`` is evaluated on all of ``x`` (float32 rounding error per
+    element, float64 sums over rows); an element subsample serves as proxy to bracket the
+    search. The code itself is ``round(x.double() / w)``."""
+    tv = total_variance(x) if tv is None else tv
+    xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    flat = xf.reshape(-1)
+    if abs_max is None:
+        lo, hi = torch.aminmax(flat)
+        abs_max = max(-float(lo), float(hi))
 
     def inc(w: float) -> float:
-        return float((xd - torch.round(xd / w) * w).pow(2).sum()) / tv
+        err = torch.round(xf * (1 / w))
+        err.mul_(w).sub_(xf)
+        return _sum_sq(err) / tv
+
+    proxy = None
+    if flat.numel() > 8 * _PROXY_ELEMENTS:
+        gen = torch.Generator().manual_seed(0)
+        pick = torch.randint(flat.numel(), (_PROXY_ELEMENTS,), generator=gen).to(flat.device)
+        sample = flat[pick]
+        scale = flat.numel() / _PROXY_ELEMENTS / tv
+
+        def proxy(w: float) -> float:
+            err = torch.round(sample * (1 / w)).mul_(w).sub_(sample)
+            return float(torch.dot(err, err)) * scale
 
     guess = math.sqrt(12 * tolerance * tv / x.numel())
     res = search_bin_width(
-        inc, tolerance, guess=guess, saturation_width=2 * float(xd.abs().max()) + 1e-12
+        inc, tolerance, guess=guess, saturation_width=2 * abs_max + 1e-12, proxy=proxy
     )
-    q = torch.round(xd / res.bin_width).to(torch.int64)
-    return float(value_entropy(q).sum()), res.bin_width
+    w = res.bin_width
+    n, d = xf.shape
+    # integer-valued float64 keys  round(x/w) − lo + column · span  (exact below 2^53)
+    lo, hi = math.floor(-abs_max / w) - 1, math.ceil(abs_max / w) + 1
+    span = hi - lo + 1
+    if span * d > max(1 << 24, 4 * flat.numel()) or span * d >= 2**52:
+        q = torch.round(xf.to(torch.float64) / w).to(torch.int64)
+        return float(value_entropy(q).sum()), w
+    offset = torch.arange(d, dtype=torch.float64, device=xf.device) * span - lo
+    key = xf.to(torch.float64, copy=True).div_(w).round_().add_(offset).to(torch.int64)
+    counts = torch.bincount(key.reshape(-1), minlength=span * d).view(d, span)
+    per_col = _xlog2x(counts).sum(1)
+    return float(((_xlog2x(torch.tensor(float(n))) - per_col) / n).sum()), w
+
+
+def _finite_extremes(x: Tensor) -> float | None:
+    """``max |x|`` when every entry is finite, else None (one pass: NaN propagates)."""
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    return max(-lo, hi)
 
 
 def _as_activations(activations, d_in: int) -> Tensor:
@@ -184,7 +355,7 @@ def _as_activations(activations, d_in: int) -> Tensor:
         raise ValueError("activations are empty (N = 0); nothing to describe")
     if not x.is_floating_point():
         raise TypeError(f"activations must be floating point, got {x.dtype}")
-    if not torch.isfinite(x).all():
+    if not _finite_extremes(x):
         row = int((~torch.isfinite(x)).any(-1).nonzero()[0])
         raise ValueError(f"activations contain NaN/Inf (first bad row {row}); clean them first")
     return x
@@ -222,8 +393,9 @@ def description_length(
         )
     x = _as_activations(activations, sae.cfg.d_in)
     latents = encode_all(sae, x)
-    fq = _QuantizedFVU(sae, x, latents)
-    saturation = 2 * float(latents.abs().max()) + 1e-12
+    tv = total_variance(x)
+    fq = _QuantizedFVU(sae, x, latents, tv)
+    saturation = 2 * fq.abs_max + 1e-12
 
     if callable(loss):
         loss_fn, loss_name = loss, getattr(loss, "__name__", "custom")
@@ -246,7 +418,11 @@ def description_length(
 
     if bin_width is None:
         res = search_bin_width(
-            increase, tolerance, guess=fq.guess(tolerance), saturation_width=saturation
+            increase,
+            tolerance,
+            guess=fq.guess(tolerance),
+            saturation_width=saturation,
+            proxy=fq.proxy if loss_fn is None and fq.n > 2 * _PROXY_ROWS else None,
         )
     else:
         w = _check_bin_width(bin_width)
@@ -254,10 +430,9 @@ def description_length(
         tolerance = None  # type: ignore[assignment]
     w = res.bin_width
 
-    q = quantize(latents, w)
-    stats = feature_code_stats(q)
-    nz = q[q != 0]
-    n_levels = int(torch.unique(nz).numel()) if nz.numel() else 0
+    idx, nz = fq.code(w)  # the nonzero entries of quantize(latents, w)
+    stats = sparse_code_stats(fq.n, fq.f, idx % fq.f, nz)
+    n_levels = int(torch.bincount(nz - nz.min()).count_nonzero()) if nz.numel() else 0
     bits_per_value = math.log2(n_levels) if n_levels > 1 else 0.0
     l0 = float(stats.active_counts.sum()) / stats.n_inputs
     fvu_quantized = fq.quantized_fvu(w) if loss_fn is not None else fq.fvu + res.loss_increase
@@ -269,7 +444,7 @@ def description_length(
             if (tolerance is not None and loss_name == "fvu")
             else max(fvu_quantized - fq.fvu, 1e-6)
         )
-        raw_bits, raw_w = _raw_cost(x, raw_tol)
+        raw_bits, raw_w = _raw_cost(x, raw_tol, tv, _finite_extremes(x))
     else:
         raw_bits, raw_w = float("nan"), float("nan")
     return DLReport(
@@ -280,7 +455,7 @@ def description_length(
         loss_unquantized=base,
         loss_quantized=base + res.loss_increase,
         l0=l0,
-        l0_unquantized=float((latents != 0).sum()) / stats.n_inputs,
+        l0_unquantized=fq.n_nonzero / stats.n_inputs,
         fvu=fq.fvu,
         fvu_quantized=fvu_quantized,
         bits_per_value=bits_per_value,

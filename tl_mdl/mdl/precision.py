@@ -46,6 +46,7 @@ def search_bin_width(
     *,
     guess: float,
     saturation_width: float | None = None,
+    proxy: Callable[[float], float] | None = None,
 ) -> SearchResult:
     """Coarsest grid width ``w`` with ``loss_increase(w) <= tolerance``.
 
@@ -55,13 +56,20 @@ def search_bin_width(
         guess: where to start (e.g. the uniform-noise estimate ``w²/12`` per active latent).
         saturation_width: a width at which every latent quantises to zero; the search never
             goes coarser than the first grid point at or above it.
+        proxy: an optional cheap estimate of ``loss_increase`` (e.g. on a subsample). It
+            only moves the starting point: the search first brackets the threshold on the
+            proxy, rescales the proxy by ``loss_increase / proxy`` at that point and brackets
+            again, then runs the exact search from there. With a good proxy the exact loss is
+            evaluated about twice (the answer and its coarser neighbour); the result is the
+            same kind of answer as without it: ``loss_increase(w) <= tolerance`` and (unless
+            saturated) ``loss_increase`` at the next-coarser grid width ``> tolerance``.
     """
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(f"tolerance must be a finite number > 0, got {tolerance!r}")
     trace: list[tuple[float, float]] = []
     cache: dict[int, float] = {}
 
-    def ok(j: int) -> bool:
+    def value(j: int) -> float:
         if j not in cache:
             w = grid_width(j)
             v = float(loss_increase(w))
@@ -69,7 +77,7 @@ def search_bin_width(
                 raise ValueError(f"loss is NaN at bin_width={w:g}; check activations and SAE")
             cache[j] = v
             trace.append((w, v))
-        return cache[j] <= tolerance
+        return cache[j]
 
     j_sat = (
         _J_MAX
@@ -79,11 +87,62 @@ def search_bin_width(
     if not (guess > 0 and math.isfinite(guess)):
         guess = 1.0
     j = min(max(grid_index(guess), _J_MIN), j_sat)
+    if proxy is not None:
+        j = _proxy_start(proxy, value, tolerance, j, j_sat)
+    return _bracket(lambda j: value(j) <= tolerance, value, j, j_sat, tolerance, trace)
+
+
+def _proxy_start(
+    proxy: Callable[[float], float],
+    value: Callable[[int], float],
+    tolerance: float,
+    j: int,
+    j_sat: int,
+) -> int:
+    """Starting grid index from a proxy of the loss, calibrated by one exact evaluation."""
+    pcache: dict[int, float] = {}
+
+    def pval(j: int) -> float:
+        if j not in pcache:
+            v = float(proxy(grid_width(j)))
+            pcache[j] = v if math.isfinite(v) else math.inf
+        return pcache[j]
+
+    try:
+        j0 = _bracket(lambda j: pval(j) <= tolerance, pval, j, j_sat, tolerance, None)
+    except ValueError:
+        return j
+    e0, p0 = value(j0), pval(j0)
+    if not (e0 > 0 and p0 > 0 and math.isfinite(e0)):
+        return j0
+    scale = e0 / p0
+    try:
+        return _bracket(lambda j: scale * pval(j) <= tolerance, pval, j0, j_sat, tolerance, None)
+    except ValueError:
+        return j0
+
+
+def _bracket(
+    ok: Callable[[int], bool],
+    value: Callable[[int], float],
+    j: int,
+    j_sat: int,
+    tolerance: float,
+    trace: list[tuple[float, float]] | None,
+):
+    """Exponential stepping from ``j`` then bisection on the grid. Returns a
+    :class:`SearchResult` when ``trace`` is given, else the grid index found."""
+
+    def done(lo: int, saturated: bool = False):
+        if trace is None:
+            return lo
+        return SearchResult(grid_width(lo), value(lo), trace, saturated=saturated)
+
     if ok(j):
         lo, step, hi = j, 1, None
         while hi is None:
             if lo >= j_sat:
-                return SearchResult(grid_width(lo), cache[lo], trace, saturated=True)
+                return done(lo, saturated=True)
             cand = min(lo + step, j_sat)
             if ok(cand):
                 lo, step = cand, step * 2
@@ -92,11 +151,11 @@ def search_bin_width(
     else:
         hi, step, lo = j, 1, None
         while lo is None:
-            cand = hi - step
-            if cand < _J_MIN:
+            cand = max(hi - step, _J_MIN)
+            if cand == hi:  # the finest grid width fails too
                 raise ValueError(
                     f"no bin width >= {grid_width(_J_MIN):.3g} meets tolerance={tolerance:g}; "
-                    f"the loss increase at the finest width tried was {cache[hi]:.3g}. "
+                    f"the loss increase at the finest width tried was {value(hi):.3g}. "
                     "Raise the tolerance."
                 )
             if ok(cand):
@@ -109,4 +168,4 @@ def search_bin_width(
             lo = mid
         else:
             hi = mid
-    return SearchResult(grid_width(lo), cache[lo], trace)
+    return done(lo)

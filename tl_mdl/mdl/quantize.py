@@ -63,10 +63,13 @@ def sum_sq(t: Tensor) -> float:
 
 def total_variance(x: Float[Tensor, "n d"]) -> float:
     """``Σ_n ‖x_n − x̄‖²`` (float64). Raises when it is 0 (FVU undefined)."""
-    x = x.reshape(-1, x.shape[-1]).double()
+    x = x.reshape(-1, x.shape[-1])
     if x.shape[0] == 0:
         raise ValueError("no inputs: activations have N = 0 rows")
-    tv = float((x - x.mean(0)).pow(2).sum())
+    xd = x.to(torch.float64, copy=True)
+    xd -= xd.mean(0)
+    flat = xd.reshape(-1)
+    tv = float(torch.dot(flat, flat))
     if tv <= 0:
         raise ValueError("activations have zero variance (all inputs identical); FVU is undefined")
     return tv
@@ -111,24 +114,50 @@ def feature_code_stats(q: Int[Tensor, "n d_sae"]) -> FeatureCode:
     n, f = q.shape
     if n == 0:
         raise ValueError("q has N = 0 inputs; the description length per input is undefined")
-    q = q.to(torch.int64)
-    cols = q.nonzero(as_tuple=True)[1]
-    # nonzero() is row-major and q[q != 0] follows the same order, so cols/values align.
-    values = q[q != 0]
+    flat = q.reshape(-1)
+    idx = torch.nonzero(flat).squeeze(1)
+    return sparse_code_stats(n, f, idx % f, flat[idx].to(torch.int64))
+
+
+def _pair_entropy_terms(keys: Int[Tensor, " m"], n_groups: int, n_keys: int) -> Tensor:
+    """``Σ_v c_{g,v} log2 c_{g,v}`` per group ``g`` for ``m`` (group, value) pairs packed
+    into int64 ``keys = g · span + v`` in ``[0, n_keys)``, ``span = n_keys // n_groups``."""
+    out = torch.zeros(n_groups, dtype=torch.float64)
+    if keys.numel() == 0:
+        return out
+    if n_keys <= max(1 << 22, 4 * keys.numel()):  # dense counting: O(m + n_keys)
+        pair_counts = torch.bincount(keys, minlength=n_keys)
+        present = pair_counts.nonzero().squeeze(1)
+        span = n_keys // n_groups
+        out.index_add_(0, present // span, _xlog2x(pair_counts[present]))
+    else:  # sparse key space: sort-based counting
+        uniq, pair_counts = torch.unique(keys, return_counts=True)
+        out.index_add_(0, uniq // (n_keys // n_groups), _xlog2x(pair_counts))
+    return out
+
+
+def sparse_code_stats(
+    n: int, f: int, cols: Int[Tensor, " m"], values: Int[Tensor, " m"]
+) -> FeatureCode:
+    """:func:`feature_code_stats` of the ``[n, f]`` code whose nonzero entries are
+    ``values`` (int64, all ``!= 0``) in columns ``cols``; every other entry is 0. Counting
+    is a ``bincount`` over (feature, value) keys (no sort) when the key range is small."""
+    if n <= 0:
+        raise ValueError("q has N = 0 inputs; the description length per input is undefined")
+    cols = cols.to(torch.int64)
+    values = values.to(torch.int64)
     counts = torch.bincount(cols, minlength=f)
     per_feature_pair = torch.zeros(f, dtype=torch.float64)  # Σ_v c_iv log2 c_iv
     if cols.numel():
         vmin = int(values.min())
         span = int(values.max()) - vmin + 1
         if span <= (2**62) // f:  # count (feature, value) pairs through one int64 key
-            uniq, pair_counts = torch.unique(cols * span + (values - vmin), return_counts=True)
-            pair_feature = uniq // span
+            per_feature_pair = _pair_entropy_terms(cols * span + (values - vmin), f, f * span)
         else:  # astronomically wide value range: unique over (feature, value) rows
             uniq, pair_counts = torch.unique(
                 torch.stack([cols, values], 1), dim=0, return_counts=True
             )
-            pair_feature = uniq[:, 0]
-        per_feature_pair.index_add_(0, pair_feature, _xlog2x(pair_counts))
+            per_feature_pair.index_add_(0, uniq[:, 0], _xlog2x(pair_counts))
     counts_d = counts.double()
     p = counts_d / n
     # p_i H_i = (c_i log2 c_i − Σ_v c_iv log2 c_iv) / N ;  H_i = that / p_i.
@@ -152,15 +181,13 @@ def latent_description_length(q: Int[Tensor, "n d_sae"]) -> float:
     return feature_code_stats(q).bits_per_input
 
 
-def value_entropy(q: Int[Tensor, "n d"]) -> Tensor:
+def value_entropy(q: Int[Tensor, "n d"] | Float[Tensor, "n d"]) -> Tensor:
     """Per-column entropy (bits) of all values of ``q`` (zeros included): the cost of
-    coding each column with its own empirical distribution. Used for the raw cost."""
+    coding each column with its own empirical distribution. Used for the raw cost. A float
+    ``q`` must hold integer values (e.g. ``round(x / w)`` before conversion)."""
     n, d = q.shape
-    cols = torch.arange(d).expand(n, d).reshape(-1)
-    vals = q.reshape(-1).to(torch.int64)
-    vmin = int(vals.min())
-    span = int(vals.max()) - vmin + 1
-    key = cols * span + (vals - vmin)
-    uniq, pair_counts = torch.unique(key, return_counts=True)
-    per_col = torch.zeros(d, dtype=torch.float64).index_add_(0, uniq // span, _xlog2x(pair_counts))
+    lo, hi = torch.aminmax(q)
+    span = int(hi) - int(lo) + 1
+    key = (q - lo).to(torch.int64) + torch.arange(d, dtype=torch.int64, device=q.device) * span
+    per_col = _pair_entropy_terms(key.reshape(-1), d, d * span)
     return (_xlog2x(torch.tensor(float(n))) - per_col) / n
