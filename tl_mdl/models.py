@@ -1,0 +1,84 @@
+"""Save and load small ``HookedTransformer``s (including bilinear ones) without pickle.
+
+A model folder holds ``model_cfg.json`` (the ``HookedTransformerConfig`` fields plus
+``"bilinear_layers"``: which blocks carry a :class:`~tl_mdl.bilinear.BilinearMLP`) and
+``model.safetensors`` (the state dict).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from tl_mdl._io import atomic_write
+from tl_mdl.bilinear import BilinearMLP, to_bilinear
+
+MODEL_CFG = "model_cfg.json"
+MODEL_WEIGHTS = "model.safetensors"
+
+
+def _jsonable_cfg(cfg: HookedTransformerConfig) -> dict[str, Any]:
+    out = {}
+    for k, v in cfg.to_dict().items():
+        if isinstance(v, torch.dtype):
+            v = str(v).removeprefix("torch.")
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue  # e.g. tokenizer objects: not part of the architecture
+        out[k] = v
+    return out
+
+
+def save_model(model: HookedTransformer, path: str | os.PathLike) -> Path:
+    """Write ``model`` to folder ``path`` (atomically per file)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = _jsonable_cfg(model.cfg)
+    cfg["bilinear_layers"] = [
+        i for i, b in enumerate(model.blocks) if isinstance(getattr(b, "mlp", None), BilinearMLP)
+    ]
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path / MODEL_WEIGHTS, lambda p: save_file(state, str(p)))
+    atomic_write(path / MODEL_CFG, lambda p: p.write_text(json.dumps(cfg, indent=2)))
+    return path
+
+
+def load_model(path: str | os.PathLike, *, device: str | None = None) -> HookedTransformer:
+    """Inverse of :func:`save_model`."""
+    path = Path(path)
+    for f in (MODEL_CFG, MODEL_WEIGHTS):
+        if not (path / f).is_file():
+            raise FileNotFoundError(
+                f"{path / f} is missing; a model folder (tl_mdl.save_model) needs {MODEL_CFG} "
+                f"and {MODEL_WEIGHTS}"
+            )
+    try:
+        cfg = json.loads((path / MODEL_CFG).read_text())
+        state = load_file(str(path / MODEL_WEIGHTS))
+    except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"model folder {path} is corrupted ({e})") from e
+    bilinear_layers = cfg.pop("bilinear_layers", [])
+    if "dtype" in cfg and isinstance(cfg["dtype"], str):
+        cfg["dtype"] = getattr(torch, cfg["dtype"])
+    if device is not None:
+        cfg["device"] = device
+    known = set(HookedTransformerConfig.__dataclass_fields__)
+    cfg = {k: v for k, v in cfg.items() if k in known}
+    for derived in ("n_params",):  # recomputed in __post_init__
+        cfg.pop(derived, None)
+    model = HookedTransformer(HookedTransformerConfig(**cfg))
+    if bilinear_layers:
+        to_bilinear(model, layers=bilinear_layers, init="random", seed=0)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path / MODEL_WEIGHTS} does not match {path / MODEL_CFG}: {e}") from e
+    return model.to(device) if device is not None else model
