@@ -133,6 +133,19 @@ def test_topk_of_all_eigenvectors_is_full_output():
         torch.testing.assert_close(eigen_expansion(top, x), eigen_expansion(full, x, k))
 
 
+@pytest.mark.parametrize("d_mlp", [1, 2])
+def test_topk_low_rank_split_tridiagonal(d_mlp):
+    """Q of rank ≤ 2·d_mlp: the tridiagonal splits and zero eigenvalues repeat (stemr path)."""
+    mlp = random_mlp(8, d_mlp, seed=4)
+    U = torch.randn(3, 8, dtype=F64)
+    x = torch.randn(5, 8, dtype=F64)
+    full = eigendecompose(mlp, U)
+    k = 2 * d_mlp + 1
+    top = eigendecompose(mlp, U, k=k)
+    torch.testing.assert_close(top.values, full.values[:, :k])
+    torch.testing.assert_close(eigen_expansion(top, x), eigen_expansion(full, x))
+
+
 def test_topk_float32_large_matches_eigh():
     mlp = random_mlp(40, 64, seed=1, dtype=torch.float32)
     U = torch.randn(5, 40)
@@ -331,3 +344,16 @@ def test_anneal_to_bilinear_is_exact_at_beta_zero(tmp_path):
     for block in model.blocks:
         block.mlp.act_fn = lambda x: 0.5 * x
     torch.testing.assert_close(model(tokens[:2]), bil_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_split_tridiagonal_falls_back_to_mrrr():
+    import numpy as np
+
+    from tl_mdl.bilinear.decompose import _tridiagonal_vectors
+
+    diag, off = np.array([1.0, -2.0, 3.0, 0.5, -4.0]), np.array([0.5, 0.0, 0.3, 0.7])
+    T = np.diag(diag) + np.diag(off, 1) + np.diag(off, -1)
+    w_all, V_all = np.linalg.eigh(T)
+    w, Z = _tridiagonal_vectors(diag, off, w_all, [(0, 1), (4, 4)])
+    np.testing.assert_allclose(w, w_all[[0, 1, 4]], atol=1e-12)
+    np.testing.assert_allclose(np.abs(Z.T @ V_all[:, [0, 1, 4]]), np.eye(3), atol=1e-10)

@@ -17,6 +17,7 @@ In a transformer, ``x`` is the MLP's *input*, i.e. the residual stream after ``l
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -191,43 +192,75 @@ def _sort_by_abs(values: Tensor, vectors_rows: Tensor, k: int | None) -> Eigen:
 _LAPACK = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}
 
 
+@functools.lru_cache(maxsize=32)
+def _sytrd_lwork(prefix: str, n: int) -> int:
+    work, info = getattr(lapack, prefix + "sytrd_lwork")(n)
+    return max(int(work), n) if info == 0 else n * 64
+
+
+def _tridiagonal_vectors(
+    diag: np.ndarray, off: np.ndarray, w_all: np.ndarray, ranges: list[tuple[int, int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenpairs ``ranges`` (inclusive index ranges of the ascending spectrum) of the
+    tridiagonal ``(diag, off)``. Unreduced matrices (the usual case) use inverse iteration
+    (``stein``) on the eigenvalues already known from ``sterf``; matrices that split into
+    blocks, or a ``stein`` failure, fall back to MRRR (``stemr``)."""
+    p = _LAPACK[diag.dtype]
+    n = len(diag)
+    ulp = np.finfo(diag.dtype).eps
+    tiny = np.finfo(diag.dtype).tiny
+    w = np.concatenate([w_all[a : b + 1] for a, b in ranges])
+    # LAPACK stebz's splitting test: e_j² ≤ ulp²·|d_j d_{j+1}| + safe_min splits the matrix
+    e2 = off.astype(np.float64) ** 2
+    unreduced = not np.any(e2 <= ulp**2 * np.abs(diag[:-1] * diag[1:]) + tiny)
+    if unreduced:
+        iblock = np.ones(n, dtype=np.int32)
+        isplit = np.zeros(n, dtype=np.int32)
+        isplit[0] = n
+        z, info = getattr(lapack, p + "stein")(diag, off, w, iblock, isplit)
+        if info == 0:
+            return w, z[:, : len(w)]
+    parts_w, parts_z = [], []
+    for a, b in ranges:
+        wi, zi = scipy.linalg.eigh_tridiagonal(
+            diag, off, select="i", select_range=(a, b), lapack_driver="stemr", check_finite=False
+        )
+        parts_w.append(wi)
+        parts_z.append(zi)
+    return np.concatenate(parts_w), np.concatenate(parts_z, axis=1)
+
+
 def _topk_eigh_one(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k largest-|λ| eigenpairs of one symmetric matrix via LAPACK: one tridiagonal
-    reduction (``sytrd``), all eigenvalues of the tridiagonal (``sterf``, O(d²)), MRRR
-    eigenvectors (``stemr``) for the two ends of the spectrum that hold the top-|λ|, and a
-    back-transformation of only those k vectors (``ormqr``). Returns ``(w [k], Z [d, k])``."""
+    """Exact k largest-|λ| eigenpairs of one symmetric matrix via LAPACK: one blocked
+    tridiagonal reduction (``sytrd``), all eigenvalues of the tridiagonal (``sterf``, O(d²)),
+    eigenvectors only for the two ends of the spectrum that hold the top-|λ| (``stein`` /
+    ``stemr``, O(d k)), and a back-transformation of only those k vectors (``ormqr``,
+    O(d² k)). Returns ``(w [k], V [d, k])``."""
     p = _LAPACK[q.dtype]
-    sytrd = getattr(lapack, p + "sytrd")
-    sterf = getattr(lapack, p + "sterf")
+    n = q.shape[0]
     # q is symmetric, so its transpose is a Fortran-ordered view of the same matrix (no copy)
-    a, diag, off, tau, info = sytrd(q.T, lower=1, overwrite_a=1)
+    a, diag, off, tau, info = getattr(lapack, p + "sytrd")(
+        q.T, lower=1, lwork=_sytrd_lwork(p, n), overwrite_a=1
+    )
     if info != 0:
         raise np.linalg.LinAlgError(f"{p}sytrd failed with info={info}")
-    w_all, info = sterf(diag.copy(), off.copy())
+    w_all, info = getattr(lapack, p + "sterf")(diag, off)
     if info != 0:
         raise np.linalg.LinAlgError(f"{p}sterf failed with info={info}")
-    lo, hi = 0, len(w_all) - 1
+    lo, hi = 0, n - 1
     for _ in range(k):  # two-pointer merge from both ends of the ascending spectrum
         if abs(w_all[lo]) >= abs(w_all[hi]):
             lo += 1
         else:
             hi -= 1
-    parts_w, parts_z = [], []
-    for start, stop in ((0, lo - 1), (hi + 1, len(w_all) - 1)):
-        if stop >= start:
-            w, z = scipy.linalg.eigh_tridiagonal(
-                diag, off, select="i", select_range=(start, stop), lapack_driver="stemr",
-                check_finite=False,
-            )
-            parts_w.append(w)
-            parts_z.append(z)
-    w = np.concatenate(parts_w)
-    Z = np.concatenate(parts_z, axis=1)
+    ranges = [(a_, b_) for a_, b_ in ((0, lo - 1), (hi + 1, n - 1)) if b_ >= a_]
+    w, Z = _tridiagonal_vectors(diag, off, w_all, ranges)
     # back-transform: Q_house = H(1)…H(d-1) stored geqrf-style in a[1:, :-1]
-    a_t, Z_t = torch.from_numpy(a), torch.from_numpy(Z)
-    V = Z_t.clone()
-    if a.shape[0] > 1:
-        V[1:] = torch.ormqr(a_t[1:, :-1], torch.from_numpy(tau), Z_t[1:], left=True)
+    V = torch.from_numpy(np.ascontiguousarray(Z))
+    if n > 1:
+        V[1:] = torch.ormqr(
+            torch.from_numpy(a)[1:, :-1], torch.from_numpy(tau), V[1:].clone(), left=True
+        )
     return w, V.numpy()
 
 
