@@ -41,4 +41,8 @@ from tl_mdl.bilinear import (
     truncation_curve,
 )
 
+# isort: split
+# scale: streaming shards (data-parallel helpers live in tl_mdl.training.distributed)
+from tl_mdl.training import ShardedActivations
+
 __version__ = "0.1.0"

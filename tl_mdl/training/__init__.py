@@ -7,6 +7,7 @@ from tl_mdl.training.objectives import (
     mdl_penalty,
     register_objective,
 )
+from tl_mdl.training.shards import ShardedActivations
 from tl_mdl.training.sweep import COLUMNS, SweepTable, sweep
 from tl_mdl.training.trainer import (
     TrainConfig,

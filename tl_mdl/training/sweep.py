@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from tl_mdl._io import atomic_write
 from tl_mdl.mdl import DEFAULT_TOLERANCE, description_length, select_mdl, select_mdl_row
 from tl_mdl.sae import SAE, SAEConfig
+from tl_mdl.training import distributed as ddp
 from tl_mdl.training.trainer import train_sae
 
 #: the scalar columns of a sweep table (CSV order)
@@ -88,6 +89,7 @@ def sweep(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
     seed: int = 0,
+    distributed: bool | None = None,
     **train_kwargs: Any,
 ) -> SweepTable:
     """Train one SAE per (width, sparsity) and score its description length.
@@ -99,6 +101,12 @@ def sweep(
     ``out_dir/w{width}_s{sparsity}/`` with its scores in ``scores.json``, the table to
     ``out_dir/sweep.csv``, and a rerun reuses what is already there (resume).
     Extra keyword arguments go to :func:`tl_mdl.train_sae`.
+
+    Under ``torch.distributed`` (``distributed=None``: whenever a process group with several
+    ranks is initialised) the grid is split across ranks (rank ``r`` trains and scores grid
+    points ``r, r + world, …``, each SAE on one process) and the rows are gathered on rank 0
+    with ``gather_object``: rank 0 returns the whole table (and writes ``sweep.csv``), the
+    other ranks return only their own rows.
     """
     if eval_activations is None:
         if not isinstance(activations, Tensor):
@@ -114,12 +122,16 @@ def sweep(
         if not (objective == "topk" and int(s) > int(w))
     ]
     out = Path(out_dir) if out_dir is not None else None
+    split = ddp.is_distributed() if distributed is None else bool(distributed)
+    world, rank = (ddp.world_size(), ddp.rank()) if split else (1, 0)
+    mine = list(enumerate(grid))[rank::world]
     table = SweepTable()
-    for width, sp in tqdm(grid, desc=f"sweep {objective}", disable=not progress):
+    for index, (width, sp) in tqdm(mine, desc=f"sweep {objective}", disable=not progress):
         folder = out / _key(width, sp) if out is not None else None
         if folder is not None and (folder / "scores.json").is_file():
             row = json.loads((folder / "scores.json").read_text())
             row["sae"] = SAE.load(folder)
+            row["grid_index"] = index
             table.rows.append(row)
             continue
         if objective == "topk":
@@ -134,6 +146,7 @@ def sweep(
             sparsity=float(sp),
             seed=seed,
             progress=progress,
+            distributed=False,
             **train_kwargs,
         )
         seconds = time.perf_counter() - start
@@ -159,7 +172,16 @@ def sweep(
                 folder / "scores.json", lambda p, r=dict(row): p.write_text(json.dumps(r, indent=2))
             )
         row["sae"] = sae
+        row["grid_index"] = index
         table.rows.append(row)
+        if out is not None and world == 1:
+            table.to_csv(out / "sweep.csv")
+    if world > 1:
+        gathered = ddp.gather_to_main(table.rows)
+        if gathered is None:  # not rank 0: keep this rank's share
+            return table
+        table = SweepTable(sorted((r for part in gathered for r in part),
+                                  key=lambda r: r["grid_index"]))
         if out is not None:
             table.to_csv(out / "sweep.csv")
     return table

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -20,7 +21,8 @@ from tqdm.auto import tqdm
 from tl_mdl._io import atomic_write
 from tl_mdl.mdl import DEFAULT_TOLERANCE
 from tl_mdl.sae import SAE, SAEConfig
-from tl_mdl.training.objectives import get_objective
+from tl_mdl.training import distributed as ddp
+from tl_mdl.training.objectives import Objective, get_objective
 
 STATE_JSON = "train_state.json"
 STATE_TENSORS = "train_state.safetensors"
@@ -110,6 +112,53 @@ def _lr_lambda(tc: TrainConfig, total: int):
     return f
 
 
+# ------------------------------------------------------------------ one step
+def _loss_and_grads(
+    sae: SAE, fn: Objective, x: Tensor, tc: TrainConfig, data_parallel: bool
+) -> tuple[Tensor, dict[str, float], Tensor]:
+    """Loss of the global batch ``x`` and its gradient in ``.grad``; returns
+    ``(loss, parts, latents)``.
+
+    Data-parallel: this rank encodes/decodes only its slice of ``x``; latents and
+    reconstructions are gathered so the objective sees the whole batch (its batch statistics
+    are global). Backward runs in two parts: the objective's graph on every rank gives the
+    gradient w.r.t. the gathered tensors and the objective's direct use of parameters (the
+    same on every rank, so scaled by 1/world); each rank backpropagates its own rows through
+    the SAE; the sum over ranks is the single-process gradient."""
+    if not data_parallel:
+        latents = sae.encode(x)
+        loss, parts = fn(sae, x, latents, sae.decode(latents), tc.sparsity, tc.tolerance)
+        if torch.isfinite(loss):
+            loss.backward()
+        return loss, parts, latents
+    mine = ddp.shard_rows(x.shape[0], ddp.world_size(), ddp.rank())
+    lat_mine = sae.encode(x[mine])
+    rec_mine = sae.decode(lat_mine)
+    latents = ddp.all_gather_rows(lat_mine.detach()).requires_grad_()
+    x_hat = ddp.all_gather_rows(rec_mine.detach()).requires_grad_()
+    loss, parts = fn(sae, x, latents, x_hat, tc.sparsity, tc.tolerance)
+    if torch.isfinite(loss):  # the same on every rank: all skip together
+        loss.backward()
+        for p in sae.parameters():
+            if p.grad is not None:
+                p.grad.div_(ddp.world_size())
+        pairs = [(t, g.grad[mine]) for t, g in ((lat_mine, latents), (rec_mine, x_hat))
+                 if g.grad is not None]  # e.g. topk's loss does not use the latents
+        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        ddp.reduce_gradients(list(sae.parameters()))
+    return loss, parts, latents.detach()
+
+
+def _check_finite_weights(sae: SAE, step: int, when: str) -> None:
+    for name, p in sae.named_parameters():
+        t = p if when == "weights" else p.grad
+        if t is not None and not torch.isfinite(t).all():
+            raise FloatingPointError(
+                f"{when} of {name} became NaN/Inf at step {step}; training stopped before "
+                "writing them (the last checkpoint is kept)"
+            )
+
+
 # ------------------------------------------------------------------ checkpoints
 def save_checkpoint(
     path: str | os.PathLike,
@@ -168,6 +217,7 @@ def train_sae(
     resume: bool = True,
     progress: bool = True,
     return_history: bool = False,
+    distributed: bool | None = None,
     **train_kwargs: Any,
 ) -> SAE | TrainResult:
     """Train an SAE on ``activations`` (a Tensor ``[N, d_in]``, or any iterable of
@@ -181,8 +231,17 @@ def train_sae(
     ``checkpoint_every`` steps and on Ctrl-C; with ``resume=True`` a run restarts from it and
     reaches the same weights as an uninterrupted run (Tensor input: batches are a function of
     ``(seed, step)``). Non-finite activations or losses stop training with
-    ``FloatingPointError``, keeping the last checkpoint. Returns the SAE (or a
+    ``FloatingPointError``, keeping the last checkpoint; so do non-finite gradients or
+    weights (checked before and after each update). Returns the SAE (or a
     :class:`TrainResult` with the loss history when ``return_history=True``).
+
+    Data-parallel (``distributed=None``: whenever a ``torch.distributed`` process group with
+    several ranks is initialised, e.g. under ``torchrun``; see
+    :mod:`tl_mdl.training.distributed`): every rank passes the same ``activations`` and
+    arguments; each step's global batch of ``batch_size`` rows is split across ranks, the
+    loss uses global batch statistics and gradients are summed, so the weights equal
+    single-process training up to float reduction order. Rank 0 alone writes checkpoints;
+    every rank returns the same SAE.
     """
     get_objective(objective)  # validates the name early
     if sparsity is None:
@@ -213,6 +272,14 @@ def train_sae(
         tc.steps = tc.epochs * batches.per_epoch
     total = int(tc.steps)
 
+    data_parallel = ddp.is_distributed() if distributed is None else bool(distributed)
+    if data_parallel and not ddp.is_distributed():
+        raise RuntimeError(
+            "distributed=True needs an initialised torch.distributed process group with "
+            "several ranks (run under torchrun and call tl_mdl.training.distributed."
+            "init_distributed())"
+        )
+    writer = not data_parallel or ddp.is_main_process()  # rank 0 alone writes checkpoints
     sae = SAE(cfg, seed=seed)
     opt = torch.optim.Adam(sae.parameters(), lr=tc.lr)
     history: list[dict[str, float]] = []
@@ -235,8 +302,14 @@ def train_sae(
         start, history = int(meta["step"]), list(meta["history"])
     else:
         _init_b_dec(sae, activations if isinstance(activations, Tensor) else None)
+    if data_parallel:
+        ddp.broadcast_parameters(sae)
     lr_at = _lr_lambda(tc, total)
     fn = get_objective(objective)
+
+    def checkpoint(step: int) -> None:
+        if ckpt is not None and writer:
+            save_checkpoint(ckpt, sae, opt, step, tc, history)
 
     bar = tqdm(
         range(start, total),
@@ -250,34 +323,35 @@ def train_sae(
     with _StopRequests() as stop:
         try:
             for step in bar:
-                if stop.requested:  # Ctrl-C / SIGTERM: stop at a step boundary, keep state
-                    if ckpt is not None:
-                        save_checkpoint(ckpt, sae, opt, done, tc, history)
+                requested = stop.requested
+                if data_parallel:  # every rank stops at the same step
+                    requested = ddp.any_rank(requested, sae.W_enc.device)
+                if requested:  # Ctrl-C / SIGTERM: stop at a step boundary, keep state
+                    checkpoint(done)
                     raise KeyboardInterrupt(
                         f"training interrupted at step {done}"
                         + (f"; resume from {ckpt}" if ckpt else "")
                     )
                 try:
-                    x = batches.get(step)
+                    x = batches.get(step)  # the global batch (the same on every rank)
                 except StopIteration:
                     break
                 x = x.to(sae.W_enc.device, sae.W_enc.dtype)
                 _check_batch(x, cfg.d_in, step)
                 if step == 0 and not isinstance(activations, Tensor):
                     _init_b_dec(sae, x)
-                latents = sae.encode(x)
-                x_hat = sae.decode(latents)
-                loss, parts = fn(sae, x, latents, x_hat, tc.sparsity, tc.tolerance)
+                opt.zero_grad(set_to_none=True)
+                loss, parts, latents = _loss_and_grads(sae, fn, x, tc, data_parallel)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"loss became {float(loss)} at step {step} ({parts}); training stopped"
                         + (f", last checkpoint kept in {ckpt}" if ckpt else "")
                     )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                _check_finite_weights(sae, step, "gradients")
                 for group in opt.param_groups:  # schedule is a pure function of the step
                     group["lr"] = tc.lr * lr_at(step)
                 opt.step()
+                _check_finite_weights(sae, step, "weights")
                 done = step + 1
                 if step % tc.log_every == 0 or done == total:
                     rec = {
@@ -288,12 +362,13 @@ def train_sae(
                     }
                     history.append(rec)
                     bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k != "step"})
-                if ckpt is not None and done % tc.checkpoint_every == 0:
-                    save_checkpoint(ckpt, sae, opt, done, tc, history)
+                if done % tc.checkpoint_every == 0:
+                    checkpoint(done)
         finally:
             bar.close()
-    if ckpt is not None:
-        save_checkpoint(ckpt, sae, opt, done, tc, history)
+    checkpoint(done)
+    if data_parallel:
+        dist.barrier()  # the final checkpoint exists when any rank returns
     sae.cfg.metadata.setdefault("training", {k: v for k, v in asdict(tc).items()})
     return TrainResult(sae, history) if return_history else sae
 
