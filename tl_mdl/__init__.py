@@ -45,4 +45,14 @@ from tl_mdl.bilinear import (
 # scale: streaming shards (data-parallel helpers live in tl_mdl.training.distributed)
 from tl_mdl.training import ShardedActivations
 
+# isort: split
+# hierarchical MDL-SAEs
+from tl_mdl.mdl.hierarchical import (
+    feature_splitting,
+    hierarchical_description_length,
+    hierarchical_dl_report,
+)
+from tl_mdl.sae import HierarchicalSAE, HierarchicalSAEConfig
+from tl_mdl.training.hierarchical import sweep_hierarchical, train_hierarchical_sae
+
 __version__ = "0.1.0"

@@ -15,7 +15,6 @@ from tl_mdl.mdl.quantize import (
     dequantize,
     feature_code_stats,
     fvu,
-    latent_description_length,
     quantize,
     total_variance,
 )
@@ -41,4 +40,5 @@ __all__ = [
     "total_variance",
 ]
 
+from tl_mdl.mdl.hierarchical import latent_description_length  # noqa: E402
 from tl_mdl.mdl.select import select_mdl, select_mdl_row  # noqa: E402

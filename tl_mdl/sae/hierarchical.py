@@ -1,0 +1,385 @@
+"""Hierarchical SAE: parent features, each with a group of children that can be active only
+when their parent is.
+
+Latent order (``F = P + P·C`` features for ``P`` parents with ``C`` children each)::
+
+    [ parent 0 .. parent P-1 | children of parent 0 (C) | children of parent 1 (C) | ... ]
+
+so ``parent_index[i] = -1`` for ``i < P`` and ``parent_index[P + a·C + j] = a``.
+
+Encoder (``x̃ = x − b_dec`` when ``apply_b_dec_to_input``)::
+
+    f_a = ReLU(x̃ W_enc[:, a] + b_enc[a])                                  (parents)
+    f_c = min(ReLU(x̃ W_enc[:, c] + b_enc[c]), f_{parent(c)})             (children)
+
+The gate ``f_c <= f_{parent(c)}`` makes a child inactive wherever its parent is, and more:
+for *every* bin width ``w`` a child that survives quantisation (``round(f_c / w) != 0``, so
+``f_c / w > 1/2``) has a parent with ``f_a / w >= f_c / w > 1/2``, which survives too. The
+conditional code of :mod:`tl_mdl.mdl.hierarchical` therefore applies to any quantisation of
+these latents. Decoder = parents + children: ``x̂ = f W_dec + b_dec`` over all ``F`` rows.
+
+Saved like :class:`~tl_mdl.sae.SAE` (``cfg.json`` with ``"architecture":
+"tl_mdl_hierarchical"`` + ``sae_weights.safetensors``, written atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from tl_mdl._io import atomic_write
+from tl_mdl.sae.config import dtype_from_str, dtype_to_str
+from tl_mdl.sae.model import CFG_FILENAME, WEIGHTS_FILENAME
+
+ARCHITECTURE = "tl_mdl_hierarchical"
+
+
+def hierarchy_parent_index(n_parents: int, children_per_parent: int) -> Int[Tensor, " F"]:
+    """``parent_index [F]`` of the layout above: ``-1`` for the ``P`` parents, then each
+    parent's index repeated ``C`` times."""
+    roots = torch.full((n_parents,), -1, dtype=torch.int64)
+    kids = torch.arange(n_parents, dtype=torch.int64).repeat_interleave(children_per_parent)
+    return torch.cat([roots, kids])
+
+
+def check_parent_index(
+    parent_index: Int[Tensor, " F"] | list[int], n_features: int
+) -> tuple[Int[Tensor, " F"], Int[Tensor, " F"]]:
+    """Validate a hierarchy and return it with a parents-first order.
+
+    ``parent_index[i]`` is the parent feature of ``i`` or ``-1`` for a root; any forest
+    (depth >= 1) is allowed. Returns ``(parent_index as int64 on the CPU, order)``, where
+    ``order`` lists every feature after its parent (by depth, then index). Raises
+    ``ValueError`` naming the bad entry for out-of-range parents and cycles."""
+    pi = torch.as_tensor(parent_index).detach().cpu()
+    if pi.ndim != 1 or pi.shape[0] != n_features:
+        raise ValueError(
+            f"parent_index must have shape [F={n_features}] (one parent per feature, -1 for "
+            f"roots), got {tuple(pi.shape)}"
+        )
+    if pi.is_floating_point() or pi.is_complex() or pi.dtype == torch.bool:
+        raise TypeError(f"parent_index must be an integer tensor, got {pi.dtype}")
+    pi = pi.to(torch.int64)
+    bad = ((pi < -1) | (pi >= n_features)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(
+            f"parent_index[{i}] = {int(pi[i])} is not a feature index in [0, {n_features}) "
+            "or -1 (root)"
+        )
+    depth = torch.zeros(n_features, dtype=torch.int64)
+    up = pi.clone()
+    for _ in range(n_features + 1):  # follow every chain to its root at once
+        has = up >= 0
+        if not has.any():
+            break
+        depth += has.to(torch.int64)
+        up = torch.where(has, pi[up.clamp_min(0)], up)
+    else:
+        i = int((up >= 0).nonzero()[0])
+        raise ValueError(f"parent_index has a cycle through feature {i}; it must be a forest")
+    order = torch.argsort(depth * n_features + torch.arange(n_features))
+    return pi, order
+
+
+def check_gating(q: Int[Tensor, "n F"], parent_index: Int[Tensor, " F"]) -> None:
+    """Raise ``ValueError`` if some child is active (``q != 0``) where its parent is not,
+    naming the child, its parent and the first offending row."""
+    kids = (parent_index >= 0).nonzero().squeeze(1).to(q.device)
+    if kids.numel() == 0:
+        return
+    parents = parent_index.to(q.device)[kids]
+    viol = (q[:, kids] != 0) & (q[:, parents] == 0)
+    if viol.any():
+        row, k = (int(v) for v in viol.nonzero()[0])  # row-major: first row, then feature
+        child, parent = int(kids[k]), int(parents[k])
+        raise ValueError(
+            f"child feature {child} is active (q={int(q[row, child])}) in row {row} where its "
+            f"parent feature {parent} is not; a hierarchical code needs every child active "
+            "only where its parent is (encode with HierarchicalSAE, or pass the right "
+            "parent_index)"
+        )
+
+
+@dataclass
+class HierarchicalSAEConfig:
+    """Configuration of a two-level hierarchical SAE.
+
+    Args:
+        d_in: input (activation) dimension.
+        n_parents: number of parent features ``P``.
+        children_per_parent: children in each parent's group ``C`` (0 = a flat ReLU SAE).
+        apply_b_dec_to_input: subtract ``b_dec`` from the input before encoding.
+        hook_name: the TransformerLens hook the SAE was trained on (metadata, optional).
+        dtype, device: where the parameters live.
+        metadata: free-form JSON-serialisable dict kept through save/load.
+
+    ``d_sae = P · (1 + C)`` is derived.
+    """
+
+    d_in: int
+    n_parents: int
+    children_per_parent: int
+    apply_b_dec_to_input: bool = True
+    hook_name: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, low in (("d_in", 1), ("n_parents", 1), ("children_per_parent", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(
+                    f"HierarchicalSAEConfig.{name} must be an int >= {low}, got {value!r}"
+                )
+        if isinstance(self.dtype, torch.dtype):
+            self.dtype = dtype_to_str(self.dtype)
+        dtype_from_str(self.dtype)  # validates
+        self.device = str(self.device)
+
+    @property
+    def d_sae(self) -> int:
+        """Total number of features ``F = P · (1 + C)``."""
+        return self.n_parents * (1 + self.children_per_parent)
+
+    @property
+    def n_children(self) -> int:
+        return self.n_parents * self.children_per_parent
+
+    @property
+    def architecture(self) -> str:
+        return ARCHITECTURE
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return dtype_from_str(self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``cfg.json`` dict (``architecture`` and the derived ``d_sae`` included)."""
+        d = asdict(self)
+        d["architecture"] = ARCHITECTURE
+        d["d_sae"] = self.d_sae
+        d["normalize_activations"] = "none"
+        if self.hook_name is not None:
+            d["metadata"] = {**d["metadata"], "hook_name": self.hook_name}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HierarchicalSAEConfig:
+        """Inverse of :meth:`to_dict` (checks ``architecture`` and ``d_sae``)."""
+        d = dict(d)
+        arch = d.pop("architecture", ARCHITECTURE)
+        if arch != ARCHITECTURE:
+            raise ValueError(
+                f"cfg architecture {arch!r} is not a hierarchical SAE ({ARCHITECTURE!r}); "
+                "load it with tl_mdl.SAE.load"
+            )
+        d_sae = d.pop("d_sae", None)
+        metadata = dict(d.get("metadata") or {})
+        if metadata.get("hook_name") == d.get("hook_name"):
+            metadata.pop("hook_name", None)
+        d["metadata"] = metadata
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        if d_sae is not None and d_sae != cfg.d_sae:
+            raise ValueError(
+                f"cfg d_sae={d_sae} disagrees with n_parents={cfg.n_parents} × "
+                f"(1 + children_per_parent={cfg.children_per_parent}) = {cfg.d_sae}"
+            )
+        return cfg
+
+
+class HierarchicalSAE(nn.Module):
+    """Two-level SAE ``x -> f -> x̂ = f W_dec + b_dec`` whose children are gated by their
+    parents (see the module docstring for the latent order and the gate).
+
+    Weights: ``W_enc [d_in, F]``, ``b_enc [F]``, ``W_dec [F, d_in]``, ``b_dec [d_in]``, in
+    the latent order; ``parent_index [F]`` (a buffer, derived from the config) gives each
+    feature's parent (``-1`` for parents). Same interface as :class:`~tl_mdl.sae.SAE`:
+    ``encode``, ``decode``, ``forward``, ``save``, ``load``; ``description_length`` and
+    ``quantize`` apply unchanged.
+    """
+
+    def __init__(self, cfg: HierarchicalSAEConfig, *, seed: int | None = None):
+        super().__init__()
+        if not isinstance(cfg, HierarchicalSAEConfig):
+            raise TypeError(f"HierarchicalSAE needs a HierarchicalSAEConfig, got {type(cfg)}")
+        self.cfg = cfg
+        kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        pi = hierarchy_parent_index(cfg.n_parents, cfg.children_per_parent)
+        self.register_buffer("parent_index", pi.to(cfg.device), persistent=False)
+        self.reset_parameters(seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Decoder rows uniform on the sphere, norm 0.1; each child's row starts as its
+        parent's plus an equal-norm random part (a specialisation of it); encoder =
+        decoderᵀ."""
+        gen = torch.Generator(device="cpu").manual_seed(0 if seed is None else seed)
+        c = self.cfg
+        w = torch.randn(c.d_sae, c.d_in, generator=gen, dtype=torch.float64)
+        w = w / w.norm(dim=-1, keepdim=True)
+        if c.children_per_parent:
+            w[c.n_parents :] += w[: c.n_parents].repeat_interleave(c.children_per_parent, 0)
+            w[c.n_parents :] /= w[c.n_parents :].norm(dim=-1, keepdim=True)
+        w = 0.1 * w
+        self.W_dec.copy_(w.to(self.W_dec))
+        self.W_enc.copy_(w.T.to(self.W_enc))
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # ---------------------------------------------------------------- forward
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def n_parents(self) -> int:
+        return self.cfg.n_parents
+
+    def children_of(self, parent: int) -> range:
+        """Feature indices of ``parent``'s children (``0 <= parent < P``)."""
+        if not 0 <= parent < self.cfg.n_parents:
+            raise IndexError(f"parent {parent} out of range [0, {self.cfg.n_parents})")
+        c = self.cfg.children_per_parent
+        start = self.cfg.n_parents + parent * c
+        return range(start, start + c)
+
+    def encode_pre(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        """Pre-activations ``(x − b_dec) W_enc + b_enc`` of all ``F`` features."""
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"input has last dimension {x.shape[-1]} but the SAE has d_in={self.cfg.d_in}; "
+                "pass activations of shape [..., d_in]"
+            )
+        x = x.to(self.W_enc.dtype)
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
+        """Parents ``ReLU(pre)``; children ``min(ReLU(pre), parent's latent)``."""
+        p, c = self.cfg.n_parents, self.cfg.children_per_parent
+        f = torch.relu(pre)
+        if c == 0:
+            return f
+        parents = f[..., :p]
+        children = f[..., p:].unflatten(-1, (p, c))  # [..., P, C]
+        gated = torch.minimum(children, parents.unsqueeze(-1))
+        return torch.cat([parents, gated.flatten(-2)], dim=-1)
+
+    def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        """Latents ``[..., P + P·C]`` (parents, then each parent's children)."""
+        return self.activation(self.encode_pre(x))
+
+    def decode(self, latents: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+        """Reconstruction ``f W_dec + b_dec`` (parents + children)."""
+        if latents.shape[-1] != self.cfg.d_sae:
+            raise ValueError(
+                f"latents have last dimension {latents.shape[-1]} but the SAE has "
+                f"d_sae={self.cfg.d_sae}"
+            )
+        return latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+
+    def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
+        return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        """Scale decoder rows to unit norm, compensating in the encoder.
+
+        Not output-preserving in general (the gate compares a child's latent with its
+        parent's, and rescaling them differently moves where ``min`` switches); use it
+        during training only, like SAELens does."""
+        norms = self.W_dec.norm(dim=-1).clamp_min(1e-12)
+        self.W_dec /= norms[:, None]
+        self.W_enc *= norms[None, :]
+        self.b_enc *= norms
+
+    # -------------------------------------------------------------- save/load
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``cfg.json`` and ``sae_weights.safetensors`` into folder ``path``
+        (atomically). Returns the folder."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        atomic_write(path / WEIGHTS_FILENAME, lambda p: save_file(tensors, str(p)))
+        cfg_text = json.dumps(self.cfg.to_dict(), indent=2, sort_keys=True)
+        atomic_write(path / CFG_FILENAME, lambda p: Path(p).write_text(cfg_text))
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, *, device: str | None = None, dtype: str | None = None
+    ) -> HierarchicalSAE:
+        """Load a hierarchical SAE written by :meth:`save`."""
+        path = Path(path)
+        cfg_path, weights_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
+        for p in (cfg_path, weights_path):
+            if not p.is_file():
+                raise FileNotFoundError(
+                    f"{p} is missing; a hierarchical SAE folder needs {CFG_FILENAME} and "
+                    f"{WEIGHTS_FILENAME} (as written by HierarchicalSAE.save)"
+                )
+        try:
+            cfg_dict = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e}); the file is corrupted") from e
+        if not isinstance(cfg_dict, dict):
+            raise ValueError(f"{cfg_path} is not an SAE config")
+        if device is not None:
+            cfg_dict["device"] = device
+        if dtype is not None:
+            cfg_dict["dtype"] = dtype
+        cfg = HierarchicalSAEConfig.from_dict(cfg_dict)
+        try:
+            state = load_file(str(weights_path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(
+                f"{weights_path} could not be read ({e}); the file is truncated or not safetensors"
+            ) from e
+        sae = cls(cfg)
+        expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if expected != got:
+            raise ValueError(
+                f"{weights_path} does not match {cfg_path}: expected tensors {expected}, "
+                f"found {got}"
+            )
+        sae.load_state_dict({k: v.to(cfg.torch_dtype) for k, v in state.items()})
+        return sae.to(cfg.device)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"d_in={c.d_in}, n_parents={c.n_parents}, "
+            f"children_per_parent={c.children_per_parent}, d_sae={c.d_sae}"
+        )
+
+
+__all__ = [
+    "HierarchicalSAE",
+    "HierarchicalSAEConfig",
+    "hierarchy_parent_index",
+    "check_parent_index",
+    "check_gating",
+    "ARCHITECTURE",
+]

@@ -1,0 +1,309 @@
+"""Training hierarchical SAEs with the conditional MDL objective, and sweeps over
+(parents × children per parent).
+
+``hierarchical_mdl`` — the ``mdl`` surrogate of :mod:`tl_mdl.training.objectives` with the
+presence term coded conditionally, as :mod:`tl_mdl.mdl.hierarchical` counts it. With the
+same bin width ``w`` and soft presence ``s_{n,i} = σ((f_{n,i} − w/2)/(w/4)) · [f_{n,i} > 0]``
+(``p̂_i = mean_n s_{n,i}``):
+
+* roots: ``H_b(p̂_i)``;
+* child ``i`` of parent ``a``: ``p̂_a · H_b(p̂_{i|a})`` with
+  ``p̂_{i|a} = Σ_n s_{n,i} / Σ_n s_{n,a}`` (``<= 1``: the gate keeps ``f_i <= f_a``);
+* value bits ``(1/B) Σ_{n,i} s_{n,i} · log2(1 + f_{n,i}/w)``, as in the flat surrogate.
+
+``loss = FVU + λ · DL_surrogate``. Registered as objective ``"hierarchical_mdl"``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tl_mdl._io import atomic_write
+from tl_mdl.mdl import DEFAULT_TOLERANCE
+from tl_mdl.mdl.hierarchical import hierarchical_dl_report
+from tl_mdl.sae.hierarchical import HierarchicalSAE, HierarchicalSAEConfig
+from tl_mdl.training.objectives import (
+    _LN2,
+    batch_fvu,
+    get_objective,
+    register_objective,
+    surrogate_bin_width,
+)
+from tl_mdl.training.sweep import SweepTable
+from tl_mdl.training.trainer import (
+    TrainConfig,
+    TrainResult,
+    _Batches,
+    _check_batch,
+    _init_b_dec,
+    _lr_lambda,
+    _StopRequests,
+)
+
+
+def _h2(p: Tensor) -> Tensor:
+    return -(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))
+
+
+def hierarchical_mdl_penalty(
+    latents: Float[Tensor, "batch d_sae"],
+    sae: Any,
+    x: Float[Tensor, "batch d_in"] | None = None,
+    *,
+    parent_index: Int[Tensor, " d_sae"] | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    bin_width: float | Tensor | None = None,
+) -> Tensor:
+    """Differentiable conditional description-length surrogate in bits per input (module
+    docstring). ``parent_index`` defaults to ``sae.parent_index``; needs ``x`` unless
+    ``bin_width`` is given."""
+    if parent_index is None:
+        parent_index = sae.parent_index
+    if bin_width is None:
+        if x is None:
+            raise ValueError("hierarchical_mdl_penalty needs the batch x (or a bin_width)")
+        bin_width = surrogate_bin_width(sae, x, latents, tolerance)
+    w = torch.as_tensor(bin_width, dtype=latents.dtype, device=latents.device)
+    s = torch.sigmoid((latents - w / 2) / (w / 4)) * (latents > 0)
+    mass = s.sum(0)  # Σ_n s_{n,i}
+    n = latents.shape[0]
+    pi = parent_index.to(latents.device)
+    is_child = pi >= 0
+    parent_mass = torch.where(is_child, mass[pi.clamp_min(0)], torch.full_like(mass, n))
+    p_cond = (mass / parent_mass.clamp_min(1e-6)).clamp(1e-6, 1 - 1e-6)
+    presence = (parent_mass / n * _h2(p_cond)).sum()
+    values = (s * torch.log1p(latents.clamp_min(0) / w)).sum(-1).mean() / _LN2
+    return presence + values
+
+
+def _hierarchical_mdl(sae, x, latents, x_hat, sparsity, tolerance):
+    rec = batch_fvu(x, x_hat)
+    dl = hierarchical_mdl_penalty(latents, sae, x, tolerance=tolerance)
+    return rec + sparsity * dl, {"fvu": float(rec.detach()), "dl_bits": float(dl.detach())}
+
+
+register_objective("hierarchical_mdl", _hierarchical_mdl)
+
+
+def train_hierarchical_sae(
+    activations: Tensor | Iterable[Tensor],
+    cfg: HierarchicalSAEConfig,
+    objective: str = "hierarchical_mdl",
+    *,
+    sparsity: float = 1e-3,
+    steps: int | None = None,
+    epochs: int = 1,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+    progress: bool = True,
+    return_history: bool = False,
+    **train_kwargs: Any,
+) -> HierarchicalSAE | TrainResult:
+    """Train a :class:`~tl_mdl.HierarchicalSAE` with Adam on ``activations`` (``[N, d_in]``
+    or an iterable of batches), minimising ``FVU + λ · DL`` with the conditional surrogate
+    (``objective="hierarchical_mdl"``; any registered objective works, e.g. ``"mdl"`` to
+    train it with the flat surrogate). Same batches, learning-rate schedule, ``b_dec``
+    initialisation and Ctrl-C handling as :func:`tl_mdl.train_sae` (no checkpoints).
+    Returns the SAE, or a ``TrainResult`` with the loss history."""
+    fn = get_objective(objective)
+    if isinstance(activations, Tensor) and (
+        activations.ndim != 2 or activations.shape[1] != cfg.d_in or activations.shape[0] == 0
+    ):
+        raise ValueError(
+            f"activations have shape {tuple(activations.shape)}; expected [N > 0, d_in={cfg.d_in}]"
+        )
+    tc = TrainConfig(
+        objective=objective,
+        sparsity=float(sparsity),
+        tolerance=tolerance,
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        **train_kwargs,
+    )
+    batches = _Batches(activations, batch_size, seed)
+    if tc.steps is None:
+        if batches.per_epoch is None:
+            raise ValueError("steps= is required when activations are an iterable of batches")
+        tc.steps = tc.epochs * batches.per_epoch
+    total = int(tc.steps)
+    sae = HierarchicalSAE(cfg, seed=seed)
+    opt = torch.optim.Adam(sae.parameters(), lr=tc.lr)
+    lr_at = _lr_lambda(tc, total)
+    _init_b_dec(sae, activations if isinstance(activations, Tensor) else None)
+    history: list[dict[str, float]] = []
+    desc = f"train {objective} {cfg.n_parents}x{cfg.children_per_parent}"
+    with _StopRequests() as stop:
+        for step in tqdm(range(total), desc=desc, disable=not progress, leave=False):
+            if stop.requested:
+                raise KeyboardInterrupt(f"training interrupted at step {step}")
+            try:
+                x = batches.get(step).to(sae.W_enc.device, sae.W_enc.dtype)
+            except StopIteration:
+                break
+            _check_batch(x, cfg.d_in, step)
+            if step == 0 and not isinstance(activations, Tensor):
+                _init_b_dec(sae, x)
+            latents = sae.encode(x)
+            loss, parts = fn(sae, x, latents, sae.decode(latents), tc.sparsity, tc.tolerance)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {float(loss)} at step {step} ({parts})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for group in opt.param_groups:
+                group["lr"] = tc.lr * lr_at(step)
+            opt.step()
+            if step % tc.log_every == 0 or step + 1 == total:
+                l0 = float((latents != 0).sum(-1).float().mean())
+                history.append({"step": step, "loss": float(loss.detach()), **parts, "l0": l0})
+    sae.cfg.metadata.setdefault("training", asdict(tc))
+    return TrainResult(sae, history) if return_history else sae
+
+
+# ------------------------------------------------------------------------ sweep
+#: the scalar columns of a hierarchical sweep table (CSV order)
+HIERARCHICAL_COLUMNS = (
+    "n_parents",
+    "children_per_parent",
+    "width",
+    "sparsity",
+    "objective",
+    "bits_per_input",
+    "flat_bits_per_input",
+    "bin_width",
+    "l0",
+    "l0_parents",
+    "fvu",
+    "fvu_quantized",
+    "explained_variance",
+    "naive_bits",
+    "raw_bits",
+    "train_seconds",
+    "path",
+)
+
+
+class HierarchicalSweepTable(SweepTable):
+    """Rows of :func:`sweep_hierarchical` (``bits_per_input`` is the conditional DL)."""
+
+    def select_sae(self, tolerance: float) -> HierarchicalSAE:
+        row = self.select(tolerance)
+        return row["sae"] if row.get("sae") is not None else HierarchicalSAE.load(row["path"])
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        def write(p: Path) -> None:
+            with open(p, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=list(HIERARCHICAL_COLUMNS), extrasaction="ignore")
+                w.writeheader()
+                for r in self.rows:
+                    w.writerow({k: r.get(k, "") for k in HIERARCHICAL_COLUMNS})
+
+        atomic_write(path, write)
+        return Path(path)
+
+
+def sweep_hierarchical(
+    activations: Tensor | Iterable[Tensor],
+    parents: Sequence[int] = (8, 16, 32),
+    children: Sequence[int] = (2, 4, 8),
+    sparsities: Sequence[float] = (1e-3,),
+    objective: str = "hierarchical_mdl",
+    *,
+    eval_activations: Tensor | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    **train_kwargs: Any,
+) -> HierarchicalSweepTable:
+    """Train one hierarchical SAE per (parents, children per parent, sparsity) and score
+    its conditional description length at ``tolerance`` on ``eval_activations`` (default:
+    the training tensor). With ``out_dir`` each SAE is saved to
+    ``out_dir/p{P}_c{C}_s{λ}/`` with ``scores.json``, the table to ``out_dir/sweep.csv``,
+    and a rerun reuses what is there. Extra keyword arguments go to
+    :func:`train_hierarchical_sae`."""
+    if eval_activations is None:
+        if not isinstance(activations, Tensor):
+            raise ValueError("eval_activations= is required when activations are an iterable")
+        eval_activations = activations
+    if not parents or not children or not sparsities:
+        raise ValueError("parents, children and sparsities must be non-empty")
+    d_in = int(eval_activations.shape[-1])
+    grid = [(int(p), int(c), float(s)) for p in parents for c in children for s in sparsities]
+    out = Path(out_dir) if out_dir is not None else None
+    table = HierarchicalSweepTable()
+    for p, c, sp in tqdm(grid, desc="sweep hierarchical", disable=not progress):
+        folder = out / f"p{p}_c{c}_s{sp:g}" if out is not None else None
+        if folder is not None and (folder / "scores.json").is_file():
+            row = json.loads((folder / "scores.json").read_text())
+            row["sae"] = HierarchicalSAE.load(folder)
+            table.rows.append(row)
+            continue
+        cfg = HierarchicalSAEConfig(d_in=d_in, n_parents=p, children_per_parent=c)
+        start = time.perf_counter()
+        sae = train_hierarchical_sae(
+            activations,
+            cfg,
+            objective,
+            sparsity=sp,
+            seed=seed,
+            progress=progress,
+            **train_kwargs,
+        )
+        seconds = time.perf_counter() - start
+        rep = hierarchical_dl_report(sae, eval_activations, tolerance=tolerance)
+        p_active = rep.features["p_active"]
+        row = {
+            "n_parents": p,
+            "children_per_parent": c,
+            "width": cfg.d_sae,
+            "sparsity": sp,
+            "objective": objective,
+            "bits_per_input": rep.bits_per_input,
+            "flat_bits_per_input": rep.flat_bits_per_input,
+            "bin_width": rep.bin_width,
+            "l0": rep.l0,
+            "l0_parents": float(p_active[:p].sum()),
+            "fvu": rep.fvu,
+            "fvu_quantized": rep.fvu_quantized,
+            "explained_variance": rep.explained_variance,
+            "naive_bits": rep.naive_bits,
+            "raw_bits": rep.raw_bits,
+            "train_seconds": seconds,
+            "path": str(folder) if folder is not None else "",
+        }
+        if folder is not None:
+            sae.save(folder)
+            atomic_write(
+                folder / "scores.json", lambda q, r=dict(row): q.write_text(json.dumps(r, indent=2))
+            )
+        row["sae"] = sae
+        table.rows.append(row)
+        if out is not None:
+            table.to_csv(out / "sweep.csv")
+    return table
+
+
+__all__ = [
+    "hierarchical_mdl_penalty",
+    "train_hierarchical_sae",
+    "sweep_hierarchical",
+    "HierarchicalSweepTable",
+    "HIERARCHICAL_COLUMNS",
+]
