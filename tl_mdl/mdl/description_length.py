@@ -19,6 +19,7 @@ from tl_mdl.mdl.precision import STEPS_PER_OCTAVE, SearchResult, search_bin_widt
 from tl_mdl.mdl.quantize import (
     _check_bin_width,
     _xlog2x,
+    flatnonzero,
     sparse_code_stats,
     total_variance,
     value_entropy,
@@ -207,7 +208,7 @@ class _QuantizedFVU:
     def _extract(self, tau: float) -> _Candidates:
         lat = self.latents
         mask = (lat > tau) if self.nonneg else (lat.abs() > tau)
-        idx = torch.nonzero(mask.reshape(-1)).squeeze(1)
+        idx = flatnonzero(mask)
         return _Candidates(tau, idx, lat.reshape(-1)[idx], self.n, self.f)
 
     def _candidates(self, w: float) -> _Candidates:
@@ -224,7 +225,7 @@ class _QuantizedFVU:
         ``q = round(latents.double() / w)``: the same code as ``quantize(latents, w)``."""
         cand = self._candidates(w)
         q = cand.quantized(w)
-        keep = torch.nonzero(q).squeeze(1)
+        keep = flatnonzero(q)
         return cand.idx[keep], q[keep].to(torch.int64)
 
     def _sse_candidates(self, cand: _Candidates, weights: Tensor) -> float:
@@ -323,7 +324,8 @@ def _raw_cost(
         q = torch.round(xf.to(torch.float64) / w).to(torch.int64)
         return float(value_entropy(q).sum()), w
     offset = torch.arange(d, dtype=torch.float64, device=xf.device) * span - lo
-    key = xf.to(torch.float64, copy=True).div_(w).round_().add_(offset).to(torch.int64)
+    itype = torch.int32 if span * d < 2**31 else torch.int64  # int32 counts ~3× faster
+    key = xf.to(torch.float64, copy=True).div_(w).round_().add_(offset).to(itype)
     counts = torch.bincount(key.reshape(-1), minlength=span * d).view(d, span)
     per_col = _xlog2x(counts).sum(1)
     return float(((_xlog2x(torch.tensor(float(n))) - per_col) / n).sum()), w
@@ -338,6 +340,12 @@ def _finite_extremes(x: Tensor) -> float | None:
 
 
 def _as_activations(activations, d_in: int) -> Tensor:
+    """``[N, d_in]`` activations, validated (a tensor, or safetensors shard path(s))."""
+    return _validated_activations(activations, d_in)[0]
+
+
+def _validated_activations(activations, d_in: int) -> tuple[Tensor, float]:
+    """``[N, d_in]`` activations (validated) and their largest absolute value."""
     if isinstance(activations, (str, os.PathLike, list)):
         activations = load_activations(activations)
     if not isinstance(activations, Tensor):
@@ -355,10 +363,11 @@ def _as_activations(activations, d_in: int) -> Tensor:
         raise ValueError("activations are empty (N = 0); nothing to describe")
     if not x.is_floating_point():
         raise TypeError(f"activations must be floating point, got {x.dtype}")
-    if not _finite_extremes(x):
+    abs_max = _finite_extremes(x)
+    if abs_max is None:
         row = int((~torch.isfinite(x)).any(-1).nonzero()[0])
         raise ValueError(f"activations contain NaN/Inf (first bad row {row}); clean them first")
-    return x
+    return x, abs_max
 
 
 @torch.no_grad()
@@ -391,7 +400,7 @@ def description_length(
             f"tolerance={tolerance} is an absolute FVU increase and must be < 1 "
             "(e.g. 0.01 = one percent of the variance)"
         )
-    x = _as_activations(activations, sae.cfg.d_in)
+    x, x_abs_max = _validated_activations(activations, sae.cfg.d_in)
     latents = encode_all(sae, x)
     tv = total_variance(x)
     fq = _QuantizedFVU(sae, x, latents, tv)
@@ -444,7 +453,7 @@ def description_length(
             if (tolerance is not None and loss_name == "fvu")
             else max(fvu_quantized - fq.fvu, 1e-6)
         )
-        raw_bits, raw_w = _raw_cost(x, raw_tol, tv, _finite_extremes(x))
+        raw_bits, raw_w = _raw_cost(x, raw_tol, tv, x_abs_max)
     else:
         raw_bits, raw_w = float("nan"), float("nan")
     return DLReport(

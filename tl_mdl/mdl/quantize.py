@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -86,6 +87,15 @@ def _xlog2x(c: Tensor) -> Tensor:
     return torch.special.xlogy(c, c) / math.log(2)
 
 
+def flatnonzero(t: Tensor) -> Tensor:
+    """Indices (int64, ascending) of the nonzero entries of ``t.reshape(-1)``. On CPU this
+    is NumPy's ``flatnonzero`` (several times faster than ``torch.nonzero`` there)."""
+    flat = t.reshape(-1)
+    if flat.device.type == "cpu" and flat.dtype not in (torch.bfloat16, torch.float16):
+        return torch.from_numpy(np.flatnonzero(flat.numpy())).to(torch.int64)
+    return torch.nonzero(flat).squeeze(1)
+
+
 @dataclass
 class FeatureCode:
     """Per-feature statistics of an integer code ``q [N, F]`` (all tensors ``[F]``)."""
@@ -115,7 +125,7 @@ def feature_code_stats(q: Int[Tensor, "n d_sae"]) -> FeatureCode:
     if n == 0:
         raise ValueError("q has N = 0 inputs; the description length per input is undefined")
     flat = q.reshape(-1)
-    idx = torch.nonzero(flat).squeeze(1)
+    idx = flatnonzero(flat)
     return sparse_code_stats(n, f, idx % f, flat[idx].to(torch.int64))
 
 
@@ -127,7 +137,7 @@ def _pair_entropy_terms(keys: Int[Tensor, " m"], n_groups: int, n_keys: int) -> 
         return out
     if n_keys <= max(1 << 22, 4 * keys.numel()):  # dense counting: O(m + n_keys)
         pair_counts = torch.bincount(keys, minlength=n_keys)
-        present = pair_counts.nonzero().squeeze(1)
+        present = flatnonzero(pair_counts)
         span = n_keys // n_groups
         out.index_add_(0, present // span, _xlog2x(pair_counts[present]))
     else:  # sparse key space: sort-based counting
