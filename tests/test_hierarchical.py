@@ -139,6 +139,31 @@ def test_codec_round_trip_hand_built():
     assert torch.equal(q, HAND_Q) and pi.tolist() == HAND_PARENTS
 
 
+@pytest.mark.parametrize(
+    "rows, parents",
+    [
+        ([[1, 0], [0, 0]], [-1, 0]),  # last feature never active (a dead child)
+        ([[0, 0, 0]] * 3, [-1, 0, 0]),  # nothing active at all
+        ([[2, 0, 1], [1, 0, 0]], [-1, -1, 0]),  # dead parent in the middle
+        ([[4, 4], [4, 4]], [-1, 0]),  # child always on with its parent
+        ([[-3, 1], [0, 0], [5, -2]], [-1, 0]),  # negative values
+    ],
+)
+def test_codec_round_trip_edge_cases(rows, parents):
+    q = torch.tensor(rows)
+    out, pi = hcodec.decode(hcodec.encode(q, parents))
+    assert torch.equal(out, q) and pi.tolist() == parents
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 40), p=st.integers(1, 3), c=st.integers(0, 3))
+def test_codec_round_trip_property(seed, n, p, c):
+    q = random_hierarchical_code(n, p, c, seed)
+    pi = hierarchy_parent_index(p, c)
+    out, _ = hcodec.decode(hcodec.encode(q, pi))
+    assert torch.equal(out, q)
+
+
 def test_codec_round_trip_and_rate_large_n():
     n, p, c = 12_000, 6, 3
     q = random_hierarchical_code(n, p, c)

@@ -122,7 +122,13 @@ def _parse(data: bytes):
     n, f = int(header[0]), int(header[1])
     pi = header[2 : 2 + f]
     model = np.concatenate([header[:2], header[2 + f :]])  # the flat codec's header layout
-    _validate_header(model)
+    if model.size < 2 + 2 * f:
+        raise ValueError(f"latent code header is corrupted: N={n}, F={f} with {header.size} values")
+    # validate features with anything coded (never-active features carry no histogram;
+    # leaving them out keeps the flat validator's reduceat offsets in range)
+    keep = (model[2 : 2 + f] != 0) | (model[2 + f : 2 + 2 * f] != 0)
+    kept = [model[2 : 2 + f][keep], model[2 + f : 2 + 2 * f][keep], model[2 + 2 * f :]]
+    _validate_header(np.concatenate([[n, int(keep.sum())], *kept]))
     try:
         pit, order = check_parent_index(torch.from_numpy(pi.copy()), f)
     except ValueError as e:
