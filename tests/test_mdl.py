@@ -413,13 +413,6 @@ def test_search_bad_tolerance(tol):
         search_bin_width(lambda w: w, tol, guess=1.0)
 
 
-@pytest.mark.xfail(
-    reason="BUG: search_bin_width's downward exponential stepping raises 'no bin width >= "
-    "8.67e-19 meets tolerance' when a step jumps below the grid floor _J_MIN=-480, without "
-    "trying _J_MIN or the widths in between: from guess=1 it tries j=0,-1,-3,...,-255, then "
-    "-511 < -480 and raises, although j=-319 (w=2^(-319/8)) meets tolerance=1e-12 for loss(w)=w",
-    strict=True,
-)
 def test_search_reaches_fine_widths_far_below_guess():
     res = search_bin_width(lambda w: w, 1e-12, guess=1.0)
     assert res.bin_width == grid_width(math.floor(8 * math.log2(1e-12)))
