@@ -192,7 +192,8 @@ class _QuantizedFVU:
         self.nonneg = bool(lo >= 0)
         self.abs_max = max(-float(lo), float(hi))
         self._cand: _Candidates | None = None
-        if self.nonneg and latents.numel() < 2**24:  # exact: integer partial sums < 2^24
+        exact_sign_sum = latents.dtype in (torch.float32, torch.float64)
+        if self.nonneg and exact_sign_sum and latents.numel() < 2**24:  # integer sums < 2^24
             self.n_nonzero = int(torch.sign(latents).sum())
         else:
             self.n_nonzero = int(latents.bool().sum())
@@ -331,6 +332,16 @@ def _raw_cost(
     return float(((_xlog2x(torch.tensor(float(n))) - per_col) / n).sum()), w
 
 
+def _n_distinct(v: Tensor) -> int:
+    """Number of distinct values of an int64 vector (bincount when the range is small)."""
+    if v.numel() == 0:
+        return 0
+    lo, hi = (int(t) for t in torch.aminmax(v))
+    if hi - lo < max(1 << 20, 4 * v.numel()):
+        return int(torch.bincount(v - lo).count_nonzero())
+    return int(torch.unique(v).numel())
+
+
 def _finite_extremes(x: Tensor) -> float | None:
     """``max |x|`` when every entry is finite, else None (one pass: NaN propagates)."""
     lo, hi = (float(v) for v in torch.aminmax(x))
@@ -441,7 +452,7 @@ def description_length(
 
     idx, nz = fq.code(w)  # the nonzero entries of quantize(latents, w)
     stats = sparse_code_stats(fq.n, fq.f, idx % fq.f, nz)
-    n_levels = int(torch.bincount(nz - nz.min()).count_nonzero()) if nz.numel() else 0
+    n_levels = _n_distinct(nz)
     bits_per_value = math.log2(n_levels) if n_levels > 1 else 0.0
     l0 = float(stats.active_counts.sum()) / stats.n_inputs
     fvu_quantized = fq.quantized_fvu(w) if loss_fn is not None else fq.fvu + res.loss_increase
