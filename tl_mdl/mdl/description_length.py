@@ -259,16 +259,20 @@ class _QuantizedFVU:
         return self.quantized_fvu(w) - self.fvu
 
     # ----------------------------------------------------------------- proxy
-    def proxy(self, w: float) -> float:
-        """Estimate of ``self(w)`` from a row subsample, without the decoder's off-diagonal
-        terms: ``N/S · Σ_{n∈S,i} (δ²‖W_dec[i]‖² − 2 δ ⟨r_n, W_dec[i]⟩) / TV`` with
-        ``δ = round(f/w)·w − f`` and ``r`` the unquantised residual. O(S·F) per call."""
+    def _proxy(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Subsampled latents ``f_S``, ``2 r_S W_decᵀ`` and ``‖W_dec[i]‖²`` (built once)."""
         if self._proxy_state is None:
             rows = _sample_rows(self.n, _PROXY_ROWS, self.latents.device)
             fs = self.latents[rows]
             r = self.resid[rows] - fs @ self.W
             self._proxy_state = (fs, 2 * (r @ self.W.T), self.W.pow(2).sum(1))
-        fs, rw2, g = self._proxy_state
+        return self._proxy_state
+
+    def proxy(self, w: float) -> float:
+        """Estimate of ``self(w)`` from a row subsample, without the decoder's off-diagonal
+        terms: ``N/S · Σ_{n∈S,i} (δ²‖W_dec[i]‖² − 2 δ ⟨r_n, W_dec[i]⟩) / TV`` with
+        ``δ = round(f/w)·w − f`` and ``r`` the unquantised residual. O(S·F) per call."""
+        fs, rw2, g = self._proxy()
         delta = torch.round(fs * (1 / w)).mul_(w).sub_(fs)
         val = float(((delta * g).sub_(rw2).mul_(delta)).sum(-1).double().sum())
         return val * self.n / fs.shape[0] / self.tv
@@ -276,9 +280,9 @@ class _QuantizedFVU:
     def guess(self, tolerance: float) -> float:
         """Width where uniform rounding noise (variance w²/12 per active latent) would
         use up the tolerance: ``w² / 12 · Σ_{n,a active} ‖W_dec[a]‖² = tol · TV``."""
-        fs = self.latents[_sample_rows(self.n, 4 * _PROXY_ROWS, self.latents.device)]
+        fs, _, g = self._proxy()
         active = (fs != 0).sum(0).double() * (self.n / fs.shape[0])
-        energy = float((active * self.W.double().pow(2).sum(1)).sum())
+        energy = float((active * g.double()).sum())
         return math.sqrt(12 * tolerance * self.tv / energy) if energy > 0 else 1.0
 
 
