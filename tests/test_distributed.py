@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -71,7 +70,9 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    # fork: the workers inherit the imported modules (spawn would re-import torch, tl_mdl)
+    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True,
+                       start_method="fork")
     return out
 
 
@@ -127,9 +128,17 @@ def test_helpers_without_process_group():
                   distributed=True)
 
 
-def test_module_entry_help():
-    import subprocess
+def test_entry_point_trains_on_shards(tmp_path, capsys):
+    """``python -m tl_mdl.training.distributed`` (here in-process, world size 1; the same code
+    runs under ``torchrun --nproc_per_node N``)."""
+    from tl_mdl import save_activations
 
-    res = subprocess.run([sys.executable, "-m", "tl_mdl.training.distributed", "--help"],
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0 and "--d-sae" in res.stdout
+    data = sparse_data()
+    save_activations(data[:300], tmp_path / "shards" / "a.safetensors")
+    save_activations(data[300:], tmp_path / "shards" / "b.safetensors")
+    rc = ddp.main([str(tmp_path / "shards"), "--d-sae", "16", "--steps", "5", "--batch-size",
+                   "32", "--buffer-size", "128", "--out", str(tmp_path / "sae")])
+    assert rc == 0 and "world size 1" in capsys.readouterr().out
+    assert SAE.load(tmp_path / "sae").cfg.d_sae == 16
+    with pytest.raises(SystemExit):
+        ddp.main(["--help"])

@@ -107,6 +107,12 @@ def to_bilinear(
     ``restore()`` puts the original modules back (bitwise-identical forward pass).
     """
     layer_ids = _check_layers(model, layers)
+    no_mlp = [layer for layer in layer_ids if getattr(model.blocks[layer], "mlp", None) is None]
+    if no_mlp:
+        raise TypeError(
+            f"blocks {no_mlp} have no MLP (attn_only={getattr(model.cfg, 'attn_only', None)}); "
+            "to_bilinear converts the MLPs of a model built with attn_only=False"
+        )
     swap = BilinearSwap(model, {})
     for layer in layer_ids:
         block = model.blocks[layer]

@@ -96,6 +96,19 @@ def harvest_batch(
     return got
 
 
+def _check_finite(act: Tensor, hook_name: str, batch: int, model_batch_size: int) -> None:
+    """Raise ``FloatingPointError`` naming the hook, model batch and row of a NaN/Inf."""
+    bad = ~torch.isfinite(act)
+    if bad.any():
+        row = int(bad.any(-1).nonzero()[0])
+        raise FloatingPointError(
+            f"activations at hook {hook_name!r} contain NaN/Inf in model batch {batch} "
+            f"(sequences {batch * model_batch_size}..{(batch + 1) * model_batch_size - 1}, "
+            f"first bad row {row} of the batch's [batch·pos, d] activations); nothing from "
+            "this batch was stored"
+        )
+
+
 def _safe_dirname(hook_name: str) -> str:
     return hook_name.replace(os.sep, "_")
 
@@ -185,6 +198,11 @@ class ActivationStore:
         self.model = model
         self.hook_names = names
         self.tokens = as_token_windows(tokens, context_size, model.cfg.n_ctx)
+        if self.tokens.shape[0] == 0:
+            raise ValueError(
+                f"tokens hold no sequences (shape {tuple(tokens.shape)}); the store would have "
+                "no activations to serve"
+            )
         self.context_size = self.tokens.shape[1]
         self.batch_size = batch_size
         self.model_batch_size = model_batch_size
@@ -218,8 +236,10 @@ class ActivationStore:
         n = -(-self.tokens.shape[0] // self.model_batch_size)
         bar = tqdm(self._model_batches(), total=n, disable=not self.progress,
                    desc=f"harvest {len(self.hook_names)} hook(s)", leave=False)
-        for toks in bar:
+        for i, toks in enumerate(bar):
             acts = harvest_batch(self.model, toks, self.hook_names, self.stop_at_layer)
+            for h, a in acts.items():
+                _check_finite(a, h, i, self.model_batch_size)
             yield {h: self._store(a) for h, a in acts.items()}
 
     def fingerprint(self) -> str:

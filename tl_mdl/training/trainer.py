@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -26,6 +27,7 @@ from tl_mdl.training.objectives import Objective, get_objective
 
 STATE_JSON = "train_state.json"
 STATE_TENSORS = "train_state.safetensors"
+META_KEY = "tl_mdl_train_state"
 
 
 @dataclass
@@ -91,11 +93,32 @@ def _check_batch(x: Tensor, d_in: int, step: int) -> None:
             f"batch at step {step} has shape {tuple(getattr(x, 'shape', ()))}; expected "
             f"[batch, d_in={d_in}]"
         )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"batch at step {step} has dtype {x.dtype}; activations must be floating point "
+            "(integer tensors are usually token ids, not activations)"
+        )
     if not torch.isfinite(x).all():
         row = int((~torch.isfinite(x)).any(-1).nonzero()[0])
         raise FloatingPointError(
             f"activations of the batch at step {step} contain NaN/Inf (row {row} of the batch); "
             "training stopped, the last checkpoint is kept"
+        )
+
+
+def _check_arguments(**kw: Any) -> None:
+    for name in ("batch_size", "epochs", "checkpoint_every", "steps"):
+        v = kw[name]
+        if name == "steps" and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    lr, tol = kw["lr"], kw["tolerance"]
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if not isinstance(tol, (int, float)) or not 0 < tol < 1:
+        raise ValueError(
+            f"tolerance={tol!r} is an absolute FVU increase and must be in (0, 1), e.g. 0.01"
         )
 
 
@@ -183,15 +206,30 @@ def save_checkpoint(
         "param_groups": osd["param_groups"],
         "history": history,
     }
-    atomic_write(path / STATE_TENSORS, lambda p: save_file(tensors, str(p)))
-    atomic_write(path / STATE_JSON, lambda p: p.write_text(json.dumps(meta)))
+    text = json.dumps(meta)
+    # One file is the checkpoint: the state JSON travels in the safetensors metadata, so a
+    # crash between two writes can never pair weights of one step with the step of another.
+    # train_state.json is a readable copy written after it.
+    atomic_write(
+        path / STATE_TENSORS, lambda p: save_file(tensors, str(p), metadata={META_KEY: text})
+    )
+    atomic_write(path / STATE_JSON, lambda p: p.write_text(text))
+
+
+def has_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / STATE_TENSORS).is_file()
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(meta, tensors)`` of the checkpoint in ``path`` (meta: step, configs, history)."""
     path = Path(path)
     try:
-        meta = json.loads((path / STATE_JSON).read_text())
+        with safe_open(str(path / STATE_TENSORS), framework="pt") as fh:
+            text = (fh.metadata() or {}).get(META_KEY)
         tensors = load_file(str(path / STATE_TENSORS))
+        if text is None:  # written before the metadata copy existed
+            text = (path / STATE_JSON).read_text()
+        meta = json.loads(text)
     except (OSError, json.JSONDecodeError, SafetensorError, ValueError) as e:
         raise ValueError(
             f"checkpoint in {path} is unreadable ({e}); delete it to start over"
@@ -244,6 +282,8 @@ def train_sae(
     every rank returns the same SAE.
     """
     get_objective(objective)  # validates the name early
+    _check_arguments(batch_size=batch_size, steps=steps, epochs=epochs, lr=lr,
+                     tolerance=tolerance, checkpoint_every=checkpoint_every)
     if sparsity is None:
         sparsity = {"mdl": 1e-3, "l1": 0.1}.get(objective, 0.0)
     if isinstance(activations, Tensor):
@@ -253,6 +293,10 @@ def train_sae(
             )
         if activations.shape[0] == 0:
             raise ValueError("activations are empty (N = 0); nothing to train on")
+        if not activations.is_floating_point():
+            raise TypeError(
+                f"activations have dtype {activations.dtype}; expected a floating-point [N, d_in]"
+            )
     tc = TrainConfig(
         objective=objective,
         sparsity=float(sparsity),
@@ -285,7 +329,7 @@ def train_sae(
     history: list[dict[str, float]] = []
     start = 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt is not None and resume and (ckpt / STATE_JSON).is_file():
+    if ckpt is not None and resume and has_checkpoint(ckpt):
         meta, tensors = load_checkpoint(ckpt)
         if SAEConfig.from_dict(meta["sae_cfg"]) != cfg:
             raise ValueError(
@@ -336,15 +380,15 @@ def train_sae(
                     x = batches.get(step)  # the global batch (the same on every rank)
                 except StopIteration:
                     break
-                x = x.to(sae.W_enc.device, sae.W_enc.dtype)
                 _check_batch(x, cfg.d_in, step)
+                x = x.to(sae.W_enc.device, sae.W_enc.dtype)
                 if step == 0 and not isinstance(activations, Tensor):
                     _init_b_dec(sae, x)
                 opt.zero_grad(set_to_none=True)
                 loss, parts, latents = _loss_and_grads(sae, fn, x, tc, data_parallel)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
-                        f"loss became {float(loss)} at step {step} ({parts}); training stopped"
+                        f"loss became {float(loss.detach())} at step {step} ({parts}); training stopped"
                         + (f", last checkpoint kept in {ckpt}" if ckpt else "")
                     )
                 _check_finite_weights(sae, step, "gradients")
