@@ -10,7 +10,9 @@ imported inside the commands that need them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import math
 import os
@@ -286,11 +288,12 @@ PROGRESS_HELP = "Show progress bars (on stderr)."
 def score(
     sae_dir: Path = typer.Argument(
         ...,
+        metavar="SAE_DIR",
         help="SAE folder (cfg.json + sae_weights.safetensors): a tl_mdl save (SAE.save) or a "
         "SAELens save (standard / topk / jumprelu; other architectures via sae_lens).",
         show_default=False,
     ),
-    acts: list[Path] = typer.Argument(..., help=ACTS_HELP, show_default=False),
+    acts: list[Path] = typer.Argument(..., help=ACTS_HELP, show_default=False, metavar="ACTS"),
     tolerance: float = typer.Option(0.01, help=TOLERANCE_HELP),
     bin_width: Optional[float] = typer.Option(
         None,
@@ -350,7 +353,7 @@ def _sae_cfg(d_in: int, width: int, objective: Objective, k: Optional[int], hook
 @app.command()
 @user_errors
 def train(
-    acts: list[Path] = typer.Argument(..., help=ACTS_HELP, show_default=False),
+    acts: list[Path] = typer.Argument(..., help=ACTS_HELP, show_default=False, metavar="ACTS"),
     out: Path = typer.Option(
         ..., "--out", "-o", help="Folder to save the trained SAE in (SAELens layout).",
         show_default=False,
@@ -465,7 +468,7 @@ def sweep_table(rows: list[dict[str, Any]], selected: dict[str, Any] | None) -> 
 @app.command()
 @user_errors
 def sweep(
-    acts: list[Path] = typer.Argument(..., help=ACTS_HELP, show_default=False),
+    acts: list[Path] = typer.Argument(..., help=ACTS_HELP, show_default=False, metavar="ACTS"),
     out: Path = typer.Option(
         ...,
         "--out",
@@ -596,6 +599,7 @@ def _indices(index: Optional[str], n: int, k: int, what: str) -> list[int]:
 def decompose(
     model_dir: Path = typer.Argument(
         ...,
+        metavar="MODEL_DIR",
         help="Model folder written by tl_mdl.models.save_model (model_cfg.json + "
         "model.safetensors) whose MLP at --layer is bilinear.",
         show_default=False,
@@ -652,7 +656,8 @@ def decompose(
         _positive(value, name)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model folder {model_dir} does not exist")
-    model = load_model(model_dir, device=device)
+    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Moving model"
+        model = load_model(model_dir, device=device)
     n_layers = model.cfg.n_layers
     if not -n_layers <= layer < n_layers:
         raise ValueError(f"--layer {layer} out of range: the model has n_layers={n_layers}")
@@ -771,6 +776,7 @@ def demo(
     ctx: typer.Context,
     name: Demo = typer.Argument(
         ...,
+        metavar="NAME",
         help="mnist: MDL-SAE sweep on MNIST pixels (bits per image vs width); bilinear-mnist: "
         "bilinear classifier read off its eigenvectors; lm: SAE + bilinear study on a small LM.",
         show_default=False,
