@@ -155,11 +155,13 @@ class Stages:
     @contextlib.contextmanager
     def stage(self, name: str, done: bool):
         print(f"\n== {name}" + (" (artefacts found: resuming)" if done else ""), flush=True)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         yield
-        dt = time.perf_counter() - start
-        self.timings[name] = {"seconds": round(dt, 2), "resumed": done}
-        print(f"   {name}: {dt:.1f} s", flush=True)
+        dt, dc = time.perf_counter() - start, time.process_time() - cpu
+        self.timings[name] = {"seconds": round(dt, 2), "cpu_seconds": round(dc, 2),
+                              "resumed": done}
+        print(f"   {name}: {dt:.1f} s (cpu {dc:.1f} s, {torch.get_num_threads()} threads)",
+              flush=True)
         self.path.write_text(json.dumps(self.timings, indent=2))
 
 
@@ -640,7 +642,8 @@ def write_report(out: Path, summary: dict) -> None:
         md += ["## 4. Bilinear MLP in the SAE bases", "", "skipped (no bilinear MLP)", ""]
     md += ["## Timings", "",
            table([{"stage": k, **v} for k, v in s["timings"].items()],
-                 ["stage", "seconds", "resumed"]), ""]
+                 ["stage", "seconds", "cpu_seconds", "resumed"],
+                 ["stage", "wall s", "cpu s (all threads)", "resumed"]), ""]
     (out / "report.md").write_text("\n".join(md))
 
 
