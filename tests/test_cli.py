@@ -34,8 +34,16 @@ def files(tmp_path_factory):
     sae = tl_mdl.SAE(tl_mdl.SAEConfig(d_in=D_IN, d_sae=32), seed=0)
     sae.save(root / "sae")
     cfg = HookedTransformerConfig(
-        n_layers=2, d_model=D_IN, d_head=4, n_heads=4, d_mlp=32, d_vocab=20, n_ctx=8,
-        act_fn="silu", gated_mlp=True, seed=0,
+        n_layers=2,
+        d_model=D_IN,
+        d_head=4,
+        n_heads=4,
+        d_mlp=32,
+        d_vocab=20,
+        n_ctx=8,
+        act_fn="silu",
+        gated_mlp=True,
+        seed=0,
     )
     model = HookedTransformer(cfg)
     tl_mdl.to_bilinear(model, layers=[1], init="random", seed=0)  # layer 0 stays GatedMLP
@@ -105,8 +113,7 @@ def test_score_table_json_and_feature_csv(files):
     assert "bits / input" in r.stdout and "FVU quantised" in r.stdout
 
     csv_path = files["root"] / "features.csv"
-    r = run("score", files["sae"], *files["shards"], "--format", "json",
-            "--features-csv", csv_path)
+    r = run("score", files["sae"], *files["shards"], "--format", "json", "--features-csv", csv_path)
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)
     want = tl_mdl.description_length(files["sae_obj"], files["x"]).summary()
@@ -158,9 +165,27 @@ def test_score_user_errors(files, tmp_path):
 
 def test_train_saves_a_loadable_sae(files, tmp_path):
     out = tmp_path / "topk"
-    r = run("train", files["acts"], "--out", out, "--width", "24", "--objective", "topk",
-            "--k", "3", "--steps", "4", "--batch-size", "64", "--no-progress", "-f", "json",
-            "--hook-name", "blocks.0.hook_resid_post")
+    r = run(
+        "train",
+        files["acts"],
+        "--out",
+        out,
+        "--width",
+        "24",
+        "--objective",
+        "topk",
+        "--k",
+        "3",
+        "--steps",
+        "4",
+        "--batch-size",
+        "64",
+        "--no-progress",
+        "-f",
+        "json",
+        "--hook-name",
+        "blocks.0.hook_resid_post",
+    )
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["saved"] == str(out) and report["d_sae"] == 24
@@ -168,8 +193,17 @@ def test_train_saves_a_loadable_sae(files, tmp_path):
     sae = tl_mdl.SAE.load(out)
     assert sae.cfg.k == 3 and sae.cfg.hook_name == "blocks.0.hook_resid_post"
 
-    r = run("train", files["shards"][0], "--out", tmp_path / "mdl", "-w", "8", "--steps", "2",
-            "--no-progress")
+    r = run(
+        "train",
+        files["shards"][0],
+        "--out",
+        tmp_path / "mdl",
+        "-w",
+        "8",
+        "--steps",
+        "2",
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
     assert "bits / input" in r.stdout and (tmp_path / "mdl" / "cfg.json").is_file()
 
@@ -180,8 +214,10 @@ def test_train_user_errors(files, tmp_path):
     assert_user_error(run(*base, "--width", "8", "--objective", "topk"), "--k")
     assert_user_error(run(*base, "--width", "0"), "--width")
     assert_user_error(run(*base, "--width", "8", "--objective", "topk", "--k", "9"), "k=9")
-    assert_user_error(run("train", tmp_path / "x.safetensors", "--out", tmp_path / "s",
-                          "--width", "8"), "does not exist")
+    assert_user_error(
+        run("train", tmp_path / "x.safetensors", "--out", tmp_path / "s", "--width", "8"),
+        "does not exist",
+    )
 
 
 # ----------------------------------------------------------------------------------- sweep
@@ -189,9 +225,25 @@ def test_train_user_errors(files, tmp_path):
 
 def test_sweep_writes_csv_and_selects(files, tmp_path):
     out = tmp_path / "sweep"
-    args = ["sweep", files["acts"], "--out", out, "--widths", "8,16", "--objective", "topk",
-            "--sparsities", "2,4", "--steps", "3", "--batch-size", "64", "--fvu-threshold",
-            "1.5", "--no-progress"]
+    args = [
+        "sweep",
+        files["acts"],
+        "--out",
+        out,
+        "--widths",
+        "8,16",
+        "--objective",
+        "topk",
+        "--sparsities",
+        "2,4",
+        "--steps",
+        "3",
+        "--batch-size",
+        "64",
+        "--fvu-threshold",
+        "1.5",
+        "--no-progress",
+    ]
     r = run(*args, "-f", "json")
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)
@@ -225,8 +277,20 @@ def test_sweep_user_errors(files, tmp_path):
 def test_decompose_unembed_matches_the_layer(files, tmp_path):
     out = tmp_path / "eig.safetensors"
     d = D_IN + 1
-    r = run("decompose", files["model"], "--layer", "1", "--index", "3,7", "--top", str(d),
-            "--out", out, "-f", "json")
+    r = run(
+        "decompose",
+        files["model"],
+        "--layer",
+        "1",
+        "--index",
+        "3,7",
+        "--top",
+        str(d),
+        "--out",
+        out,
+        "-f",
+        "json",
+    )
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)
     assert [row["index"] for row in got["rows"]] == [3, 7]
@@ -249,14 +313,23 @@ def test_decompose_unembed_matches_the_layer(files, tmp_path):
 
 
 def test_decompose_svd_and_sae_directions(files):
-    r = run("decompose", files["model"], "-l", "1", "--directions", "svd", "--k", "3",
-            "--top", "4")
+    r = run("decompose", files["model"], "-l", "1", "--directions", "svd", "--k", "3", "--top", "4")
     assert r.exit_code == 0, r.output
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("svd ")]
     assert len(lines) == 3 and all(len(ln.split()) == 3 + 4 for ln in lines)
 
-    r = run("decompose", files["model"], "-l", "-1", "--directions", files["sae"], "--k", "5",
-            "-f", "json")
+    r = run(
+        "decompose",
+        files["model"],
+        "-l",
+        "-1",
+        "--directions",
+        files["sae"],
+        "--k",
+        "5",
+        "-f",
+        "json",
+    )
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout)
     assert got["layer"] == 1 and [row["index"] for row in got["rows"]] == list(range(5))
@@ -285,11 +358,13 @@ def test_demo_passes_arguments_through(tmp_path):
     demos = tmp_path / "demos"
     demos.mkdir()
     record = tmp_path / "argv.json"
-    (demos / "bilinear_mnist.py").write_text(textwrap.dedent(f"""
+    (demos / "bilinear_mnist.py").write_text(
+        textwrap.dedent(f"""
         import json, sys
         json.dump(sys.argv[1:], open({str(record)!r}, "w"))
         sys.exit(3 if "--fail" in sys.argv else 0)
-    """))
+    """)
+    )
     env = {"TL_MDL_DEMOS": str(demos)}
     r = run("demo", "bilinear-mnist", "--quick", "--epochs", "2", env=env)
     assert r.exit_code == 0, r.output
@@ -312,10 +387,20 @@ def test_subprocess_score_json_and_error(files):
     """Two real ``python -m tl_mdl.cli`` processes, started together (the import dominates)."""
     env = {**os.environ, "TQDM_DISABLE": "1"}
     cli = [sys.executable, "-m", "tl_mdl.cli", "score", str(files["sae"])]
-    ok = subprocess.Popen([*cli, str(files["acts"]), "--format", "json"], env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    bad = subprocess.Popen([*cli, str(files["acts8"])], env=env, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ok = subprocess.Popen(
+        [*cli, str(files["acts"]), "--format", "json"],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    bad = subprocess.Popen(
+        [*cli, str(files["acts8"])],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     ok_out, ok_err = ok.communicate(timeout=300)
     bad_out, bad_err = bad.communicate(timeout=300)
 

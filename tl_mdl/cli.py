@@ -355,7 +355,10 @@ def _sae_cfg(d_in: int, width: int, objective: Objective, k: Optional[int], hook
 def train(
     acts: list[Path] = typer.Argument(..., help=ACTS_HELP, show_default=False, metavar="ACTS"),
     out: Path = typer.Option(
-        ..., "--out", "-o", help="Folder to save the trained SAE in (SAELens layout).",
+        ...,
+        "--out",
+        "-o",
+        help="Folder to save the trained SAE in (SAELens layout).",
         show_default=False,
     ),
     width: int = typer.Option(
@@ -402,8 +405,14 @@ def train(
     from tl_mdl import description_length, train_sae
 
     _check_tolerance(tolerance)
-    for value, name in ((width, "--width"), (epochs, "--epochs"), (steps, "--steps"),
-                        (batch_size, "--batch-size"), (lr, "--lr"), (k, "--k")):
+    for value, name in (
+        (width, "--width"),
+        (epochs, "--epochs"),
+        (steps, "--steps"),
+        (batch_size, "--batch-size"),
+        (lr, "--lr"),
+        (k, "--k"),
+    ):
         _positive(value, name)
     if sparsity is not None and not (math.isfinite(sparsity) and sparsity >= 0):
         raise ValueError(f"--sparsity must be >= 0, got {sparsity}")
@@ -506,7 +515,9 @@ def sweep(
     lr: float = typer.Option(1e-3, help="Adam learning rate (per step)."),
     seed: int = typer.Option(0, help="Random seed (initialisation and batch order)."),
     format: Format = typer.Option(
-        Format.table, "--format", "-f",
+        Format.table,
+        "--format",
+        "-f",
         help="'table' or 'json' ({'rows': [...], 'selected': {...}}).",
     ),
     progress: bool = typer.Option(True, help=PROGRESS_HELP),
@@ -520,8 +531,12 @@ def sweep(
 
     _check_tolerance(tolerance)
     _positive(fvu_threshold, "--fvu-threshold")
-    for value, name in ((epochs, "--epochs"), (steps, "--steps"), (batch_size, "--batch-size"),
-                        (lr, "--lr")):
+    for value, name in (
+        (epochs, "--epochs"),
+        (steps, "--steps"),
+        (batch_size, "--batch-size"),
+        (lr, "--lr"),
+    ):
         _positive(value, name)
     width_list = parse_list(widths, int, "--widths")
     for w in width_list:
@@ -757,8 +772,14 @@ DEMO_SCRIPTS = {
 #: Arguments --quick adds (before the user's own, which win on conflicts); quick runs write
 #: to their own folder so a later full run never resumes from the small models.
 QUICK_ARGS = {
-    Demo.mnist: ["--widths", "16,32,64,128", "--train-size", "6000",
-                 "--out", "out/mnist_mdl_quick"],
+    Demo.mnist: [
+        "--widths",
+        "16,32,64,128",
+        "--train-size",
+        "6000",
+        "--out",
+        "out/mnist_mdl_quick",
+    ],
     Demo.bilinear_mnist: ["--epochs", "1", "--d-mlp", "64", "--out", "out/bilinear_mnist_quick"],
     Demo.lm: ["--quick"],
 }
@@ -788,7 +809,7 @@ def demo(
     """Run a demo script from the repository's demos/ folder; extra arguments go to it.
 
     Example: tl-mdl demo mnist --quick --objective mdl. Results go to out/<demo>/ (CSV tables
-    beside PNG plots). See `python demos/<script> --help` for the demo's own options.
+    beside PNG plots). `tl-mdl demo mnist -- --help` shows the demo's own options.
     """
     folder = demos_dir()
     script = folder / DEMO_SCRIPTS[name]
