@@ -333,3 +333,18 @@ def test_set_decoder_norm_to_unit_norm_refuses_topk():
         sae.set_decoder_norm_to_unit_norm()
     sae.set_decoder_norm_to_unit_norm(allow_topk=True)
     torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(10, dtype=torch.float64))
+
+
+def test_load_sae_lens_topk_with_decoder_norm_rescaling(tmp_path):
+    """SAELens TopK ``rescale_acts_by_decoder_norm`` is folded into the weights on load."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    lens = TopKSAE(TopKSAEConfig(d_in=8, d_sae=16, k=3, rescale_acts_by_decoder_norm=True))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lens.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    lens.save_model(str(tmp_path))
+    ours = SAE.load(tmp_path)
+    x = torch.randn(20, 8, generator=g)
+    torch.testing.assert_close(ours(x), lens(x).detach(), rtol=1e-5, atol=1e-5)

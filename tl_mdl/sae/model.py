@@ -211,6 +211,9 @@ class SAE(nn.Module):
             cfg_dict["device"] = device
         if dtype is not None:
             cfg_dict["dtype"] = dtype
+        # SAELens TopK option: select on pre·‖W_dec_i‖, decode f/‖W_dec_i‖. Folding the norms
+        # into the weights (W_enc·n, b_enc·n, W_dec/n) gives the same latents and output.
+        rescale = bool(cfg_dict.pop("rescale_acts_by_decoder_norm", False))
         cfg = SAEConfig.from_dict(cfg_dict)
         try:
             state = load_file(str(weights_path), device="cpu")
@@ -226,6 +229,11 @@ class SAE(nn.Module):
                 f"{weights_path} does not match {cfg_path}: expected tensors {expected}, "
                 f"found {got}"
             )
+        if rescale and cfg.activation == "topk":
+            n = state["W_dec"].double().norm(dim=-1)
+            state["W_enc"] = (state["W_enc"].double() * n).to(state["W_enc"].dtype)
+            state["b_enc"] = (state["b_enc"].double() * n).to(state["b_enc"].dtype)
+            state["W_dec"] = (state["W_dec"].double() / n[:, None]).to(state["W_dec"].dtype)
         sae.load_state_dict({k: v.to(cfg.torch_dtype) for k, v in state.items()})
         return sae.to(cfg.device)
 
