@@ -135,10 +135,10 @@ class ShardedActivations:
 
     Each epoch visits the shards in a random order and each shard in random blocks of
     ``chunk_rows`` rows; rows pass through a shuffle buffer of ``buffer_size`` rows (when it
-    is full it is permuted, its first half is served and the rest is kept). The order is a
-    function of ``(seed, epoch)`` only, so two iterations with the same seed give the same
-    batches (what ``train_sae``'s resume and data-parallel ranks rely on). Peak memory is
-    about ``2 · (buffer_size + chunk_rows) · d_in`` values, independent of the data size.
+    is full a random half of it is served and refilled). The order is a function of
+    ``(seed, epoch)`` only, so two iterations with the same seed give the same batches (what
+    ``train_sae``'s resume and data-parallel ranks rely on). Peak memory is about
+    ``(buffer_size + chunk_rows + batch_size) · d_in`` values, independent of the data size.
 
     Args:
         paths: a shard file, a folder of ``*.safetensors`` shards, or a list of either.
@@ -232,32 +232,55 @@ class ShardedActivations:
                     yield block if self.dtype is None else block.to(self.dtype)
 
     def epoch(self, epoch: int) -> Iterator[Tensor]:
-        """The batches of one epoch (deterministic in ``(seed, epoch)``)."""
+        """The batches of one epoch (deterministic in ``(seed, epoch)``).
+
+        The buffer is a fixed ``[buffer_size, d_in]`` tensor. Rows are written into its free
+        slots; when it is full, a random half of the slots is served (gathered batch by
+        batch) and those slots are refilled: each row is copied once in and once out."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         bs, cap = self.batch_size, self.buffer_size
+        if not self.shuffle:
+            yield from self._in_order()
+            return
         buf: Tensor | None = None
-        n = 0
+        free = torch.arange(cap)  # slots that hold no row, in the order they are filled
         for block in self._blocks(gen):
             if buf is None:
-                buf = block.new_empty(cap + self.chunk_rows, self.d_in)
-            buf[n : n + block.shape[0]] = block
-            n += block.shape[0]
-            del block
-            if n >= cap:
-                if self.shuffle:
-                    buf[:n] = buf[torch.randperm(n, generator=gen)]
-                n_out = max(bs, (n // 2) // bs * bs)
-                for j in range(0, n_out, bs):
-                    yield buf[j : j + bs].clone()
-                buf[: n - n_out] = buf[n_out:n].clone()
-                n -= n_out
-        if n and buf is not None:
-            if self.shuffle:
-                buf[:n] = buf[torch.randperm(n, generator=gen)]
-            for j in range(0, n, bs):
-                if self.drop_last and j + bs > n:
-                    break
-                yield buf[j : min(j + bs, n)].clone()
+                buf = block.new_empty(cap, self.d_in)
+            while block.shape[0]:
+                m = min(block.shape[0], free.shape[0])
+                buf.index_copy_(0, free[:m], block[:m])
+                free, block = free[m:], block[m:]
+                if free.shape[0] == 0:  # full: serve a random half, reuse its slots
+                    n_out = max(bs, (cap // 2) // bs * bs)
+                    out = torch.randperm(cap, generator=gen)[:n_out]
+                    for j in range(0, n_out, bs):
+                        yield buf[out[j : j + bs]]
+                    free = out
+        if buf is None:
+            return
+        held = torch.ones(cap, dtype=torch.bool)
+        held[free] = False
+        rest = held.nonzero().squeeze(1)
+        rest = rest[torch.randperm(rest.shape[0], generator=gen)]
+        for j in range(0, rest.shape[0], bs):
+            if self.drop_last and j + bs > rest.shape[0]:
+                break
+            yield buf[rest[j : j + bs]]
+
+    def _in_order(self) -> Iterator[Tensor]:
+        """Rows in file order, in batches (no buffer beyond one block and one batch)."""
+        gen = torch.Generator()
+        carry: Tensor | None = None
+        for block in self._blocks(gen):
+            if carry is not None:
+                block = torch.cat([carry, block])
+            k = block.shape[0] // self.batch_size * self.batch_size
+            for j in range(0, k, self.batch_size):
+                yield block[j : j + self.batch_size].clone()
+            carry = block[k:].clone() if k < block.shape[0] else None
+        if carry is not None and not self.drop_last:
+            yield carry
 
     def __iter__(self) -> Iterator[Tensor]:
         e = 0
