@@ -207,9 +207,14 @@ def test_codec_round_trip_of_sae_code():
     d_in=st.integers(1, 9),
     log_w=st.floats(-8, 2),
     scale=st.floats(0.1, 10),
+    child_topk=st.one_of(st.none(), st.integers(1, 3)),
 )
-def test_encoder_never_activates_orphan_child(seed, n_parents, children, d_in, log_w, scale):
-    cfg = HierarchicalSAEConfig(d_in=d_in, n_parents=n_parents, children_per_parent=children)
+def test_encoder_never_activates_orphan_child(
+    seed, n_parents, children, d_in, log_w, scale, child_topk
+):
+    cfg = HierarchicalSAEConfig(
+        d_in=d_in, n_parents=n_parents, children_per_parent=children, child_topk=child_topk
+    )
     sae = HierarchicalSAE(cfg, seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # arbitrary weights, not just the initialisation
@@ -223,6 +228,9 @@ def test_encoder_never_activates_orphan_child(seed, n_parents, children, d_in, l
     on_kids, on_parents = f[:, kids] != 0, f[:, parent_of[kids]] != 0
     assert not (on_kids & ~on_parents).any()
     assert (f[:, kids] <= f[:, parent_of[kids]]).all()
+    if child_topk is not None and children:
+        per_group = (f[:, n_parents:] != 0).unflatten(1, (n_parents, children)).sum(-1)
+        assert (per_group <= child_topk).all()
     # ... and after quantisation at any bin width: the code is always hierarchical
     q = quantize(f, 2.0**log_w)
     hierarchical_code_stats(q, parent_of)  # raises on an orphan child

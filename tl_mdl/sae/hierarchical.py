@@ -118,6 +118,9 @@ class HierarchicalSAEConfig:
         d_in: input (activation) dimension.
         n_parents: number of parent features ``P``.
         children_per_parent: children in each parent's group ``C`` (0 = a flat ReLU SAE).
+        child_topk: if set, at most this many children of a parent are active on an input
+            (the largest gated ones; ``1`` = mutually exclusive specialisations). ``None``:
+            any number.
         apply_b_dec_to_input: subtract ``b_dec`` from the input before encoding.
         hook_name: the TransformerLens hook the SAE was trained on (metadata, optional).
         dtype, device: where the parameters live.
@@ -129,6 +132,7 @@ class HierarchicalSAEConfig:
     d_in: int
     n_parents: int
     children_per_parent: int
+    child_topk: int | None = None
     apply_b_dec_to_input: bool = True
     hook_name: str | None = None
     dtype: str = "float32"
@@ -142,6 +146,11 @@ class HierarchicalSAEConfig:
                 raise ValueError(
                     f"HierarchicalSAEConfig.{name} must be an int >= {low}, got {value!r}"
                 )
+        k = self.child_topk
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(
+                f"HierarchicalSAEConfig.child_topk must be None or an int >= 1, got {k!r}"
+            )
         if isinstance(self.dtype, torch.dtype):
             self.dtype = dtype_to_str(self.dtype)
         dtype_from_str(self.dtype)  # validates
@@ -276,7 +285,8 @@ class HierarchicalSAE(nn.Module):
         return x @ self.W_enc + self.b_enc
 
     def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
-        """Parents ``ReLU(pre)``; children ``min(ReLU(pre), parent's latent)``."""
+        """Parents ``ReLU(pre)``; children ``min(ReLU(pre), parent's latent)``, then (with
+        ``child_topk``) only the ``k`` largest children of each parent kept."""
         p, c = self.cfg.n_parents, self.cfg.children_per_parent
         f = torch.relu(pre)
         if c == 0:
@@ -284,6 +294,10 @@ class HierarchicalSAE(nn.Module):
         parents = f[..., :p]
         children = f[..., p:].unflatten(-1, (p, c))  # [..., P, C]
         gated = torch.minimum(children, parents.unsqueeze(-1))
+        k = self.cfg.child_topk
+        if k is not None and k < c:
+            values, idx = gated.topk(k, dim=-1)
+            gated = torch.zeros_like(gated).scatter(-1, idx, values)
         return torch.cat([parents, gated.flatten(-2)], dim=-1)
 
     def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:

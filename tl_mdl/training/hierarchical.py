@@ -181,6 +181,7 @@ def train_hierarchical_sae(
 HIERARCHICAL_COLUMNS = (
     "n_parents",
     "children_per_parent",
+    "child_topk",
     "width",
     "sparsity",
     "objective",
@@ -230,13 +231,14 @@ def sweep_hierarchical(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
     seed: int = 0,
+    child_topk: int | None = None,
     **train_kwargs: Any,
 ) -> HierarchicalSweepTable:
     """Train one hierarchical SAE per (parents, children per parent, sparsity) and score
     its conditional description length at ``tolerance`` on ``eval_activations`` (default:
-    the training tensor). With ``out_dir`` each SAE is saved to
-    ``out_dir/p{P}_c{C}_s{λ}/`` with ``scores.json``, the table to ``out_dir/sweep.csv``,
-    and a rerun reuses what is there. Extra keyword arguments go to
+    the training tensor); ``child_topk`` is passed to every config. With ``out_dir`` each
+    SAE is saved to ``out_dir/p{P}_c{C}[_k{child_topk}]_s{λ}/`` with ``scores.json``, the
+    table to ``out_dir/sweep.csv``, and a rerun reuses what is there. Extra keyword arguments go to
     :func:`train_hierarchical_sae`."""
     if eval_activations is None:
         if not isinstance(activations, Tensor):
@@ -249,13 +251,16 @@ def sweep_hierarchical(
     out = Path(out_dir) if out_dir is not None else None
     table = HierarchicalSweepTable()
     for p, c, sp in tqdm(grid, desc="sweep hierarchical", disable=not progress):
-        folder = out / f"p{p}_c{c}_s{sp:g}" if out is not None else None
+        tag = f"p{p}_c{c}" + (f"_k{child_topk}" if child_topk is not None else "")
+        folder = out / f"{tag}_s{sp:g}" if out is not None else None
         if folder is not None and (folder / "scores.json").is_file():
             row = json.loads((folder / "scores.json").read_text())
             row["sae"] = HierarchicalSAE.load(folder)
             table.rows.append(row)
             continue
-        cfg = HierarchicalSAEConfig(d_in=d_in, n_parents=p, children_per_parent=c)
+        cfg = HierarchicalSAEConfig(
+            d_in=d_in, n_parents=p, children_per_parent=c, child_topk=child_topk
+        )
         start = time.perf_counter()
         sae = train_hierarchical_sae(
             activations,
@@ -272,6 +277,7 @@ def sweep_hierarchical(
         row = {
             "n_parents": p,
             "children_per_parent": c,
+            "child_topk": child_topk,
             "width": cfg.d_sae,
             "sparsity": sp,
             "objective": objective,
