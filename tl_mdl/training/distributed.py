@@ -14,7 +14,8 @@ Launch::
 
     torchrun --nproc_per_node 2 -m tl_mdl.training.distributed acts/ --d-sae 512 --steps 2000
 
-(``acts/`` a folder of safetensors shards with one ``activations`` tensor each).
+(``acts/`` a folder of safetensors shards with one ``activations`` tensor each; or the same
+arguments to ``torchrun --nproc_per_node 2 benchmarks/ddp_train.py``).
 """
 
 from __future__ import annotations

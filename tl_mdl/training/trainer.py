@@ -388,7 +388,8 @@ def train_sae(
                 loss, parts, latents = _loss_and_grads(sae, fn, x, tc, data_parallel)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
-                        f"loss became {float(loss.detach())} at step {step} ({parts}); training stopped"
+                        f"loss became {float(loss.detach())} at step {step} ({parts}); "
+                        "training stopped"
                         + (f", last checkpoint kept in {ckpt}" if ckpt else "")
                     )
                 _check_finite_weights(sae, step, "gradients")
