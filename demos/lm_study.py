@@ -73,10 +73,10 @@ from tl_mdl.models import load_model, save_model  # noqa: E402
 # ----------------------------------------------------------------------------- settings
 DEFAULTS = dict(
     vocab_size=2048, n_layers=2, d_model=128, n_heads=4, d_mlp=512, n_ctx=128,
-    lm_steps=600, lm_batch=32, lm_lr=3e-3,
+    lm_steps=600, lm_batch=16, lm_lr=3e-3,
     anneal_steps=150, anneal_batch=16, anneal_lr=5e-4,
     harvest_windows=512, eval_windows=128,
-    widths="64,128,256,512,1024", ks="8,16,32", sae_epochs=2, sae_lr=2e-3,
+    widths="32,64,128,256,512", ks="4,8,16", sae_epochs=2, sae_lr=2e-3,
     n_out_features=6, n_pairs=5, truncation_ks="0,1,2,4,8,16,32,64,129",
     max_docs=None,
 )
@@ -321,6 +321,23 @@ def train_lm(args, out: Path, train: torch.Tensor, held: torch.Tensor, d_vocab: 
 
 
 # ----------------------------------------------------------------------------- stage 2
+def finetune_silu(args, model: HookedTransformer, train: torch.Tensor) -> HookedTransformer:
+    """Control for the annealing run: the same number of steps, batch size, learning rate and
+    batches (``anneal_to_bilinear`` draws them from ``Generator(seed)``), activation kept SiLU,
+    so that "bilinear vs SiLU" is not confounded by the extra training."""
+    gen = torch.Generator().manual_seed(args.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=args.anneal_lr)
+    model.train()
+    for _ in tqdm(range(args.anneal_steps), desc="SiLU control", disable=args.no_progress):
+        batch = train[torch.randint(0, train.shape[0], (args.anneal_batch,), generator=gen)]
+        loss = model(batch, return_type="loss")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model
+
+
 def convert_bilinear(args, out: Path, silu: HookedTransformer, train: torch.Tensor,
                      held: torch.Tensor) -> dict:
     """Loss of the SiLU model, of a plain swap (SiLU → identity, no fine-tune), and after
@@ -330,6 +347,9 @@ def convert_bilinear(args, out: Path, silu: HookedTransformer, train: torch.Tens
     to_bilinear(plain)
     loss_plain = lm_loss(plain, held)
     del plain
+    control = finetune_silu(args, copy.deepcopy(silu), train)
+    loss_control = lm_loss(control, held)
+    del control
     model = copy.deepcopy(silu)
     res = anneal_to_bilinear(model, train, args.anneal_steps, lr=args.anneal_lr,
                              batch_size=args.anneal_batch, seed=args.seed,
@@ -340,8 +360,11 @@ def convert_bilinear(args, out: Path, silu: HookedTransformer, train: torch.Tens
     write_csv(out / "anneal_log.csv", res.history, ["step", "beta", "loss", "ce", "kl"])
     info = {
         "loss_silu": loss_silu, "loss_swap_no_finetune": loss_plain,
-        "loss_bilinear": loss_bil, "delta_nats": loss_bil - loss_silu,
-        "relative": (loss_bil - loss_silu) / loss_silu, "anneal_steps": args.anneal_steps,
+        "loss_silu_finetuned": loss_control, "loss_bilinear": loss_bil,
+        "delta_nats": loss_bil - loss_silu, "relative": (loss_bil - loss_silu) / loss_silu,
+        "delta_vs_control_nats": loss_bil - loss_control,
+        "relative_vs_control": (loss_bil - loss_control) / loss_control,
+        "anneal_steps": args.anneal_steps,
         "held_out_tokens": int(held[:, 1:].numel()),
     }
     (out / "bilinear.json").write_text(json.dumps(info, indent=2))
@@ -583,10 +606,15 @@ def write_report(out: Path, summary: dict) -> None:
                table([{"model": "SiLU GatedMLP (trained)", "loss": b["loss_silu"]},
                       {"model": "swap SiLU → identity, no fine-tune",
                        "loss": b["loss_swap_no_finetune"]},
+                      {"model": f"SiLU fine-tuned {b['anneal_steps']} more steps (control)",
+                       "loss": b.get("loss_silu_finetuned")},
                       {"model": f"bilinear after annealing ({b['anneal_steps']} steps)",
                        "loss": b["loss_bilinear"]}],
                      ["model", "loss"], ["model", "held-out loss (nats/token)"]), "",
-               f"Bilinear − SiLU: {b['delta_nats']:+.4f} nats ({100 * b['relative']:+.2f}%). "
+               f"Bilinear − SiLU: {b['delta_nats']:+.4f} nats ({100 * b['relative']:+.2f}%); "
+               f"bilinear − SiLU control (same extra training): "
+               f"{b.get('delta_vs_control_nats', math.nan):+.4f} nats "
+               f"({100 * b.get('relative_vs_control', math.nan):+.2f}%). "
                "Paper: TinyLlama lost ~0.05 nats; TinyStories bilinear ≈ SwiGLU within ~1%.",
                "", "![training](training.png)", ""]
     else:
@@ -684,7 +712,7 @@ def main(argv=None) -> dict:
                              f"more text or a smaller --eval-windows")
         train_w, held_w = all_w[:-n_held], all_w[-n_held:]
         eval_w = held_w[: args.eval_windows]  # SAE scoring, evaluate, truncation
-        loss_w = held_w[args.eval_windows :][: 4 * args.eval_windows]  # LM / bilinear loss
+        loss_w = held_w[args.eval_windows :][: 2 * args.eval_windows]  # LM / bilinear loss
         d_vocab = pretrained.cfg.d_vocab if pretrained is not None else tok.get_vocab_size()
         print(f"   {stream.numel():,} tokens from {source}, vocab {d_vocab}; "
               f"{train_w.shape[0]} train / {held_w.shape[0]} held-out windows of {args.n_ctx}")
@@ -712,8 +740,9 @@ def main(argv=None) -> dict:
                 model = load_model(out / "model_bilinear")
             print(f"   loss SiLU {bil_info['loss_silu']:.4f} → bilinear "
                   f"{bil_info['loss_bilinear']:.4f} ({bil_info['delta_nats']:+.4f} nats, "
-                  f"{100 * bil_info['relative']:+.2f}%); plain swap without fine-tune "
-                  f"{bil_info['loss_swap_no_finetune']:.4f}")
+                  f"{100 * bil_info['relative']:+.2f}%); SiLU control fine-tuned as long "
+                  f"{bil_info.get('loss_silu_finetuned', math.nan):.4f}; "
+                  f"plain swap without fine-tune {bil_info['loss_swap_no_finetune']:.4f}")
     else:
         model = silu
         bil_note = (f"{args.model} has a non-gated MLP (act {silu.cfg.act_fn}); "

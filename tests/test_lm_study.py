@@ -44,7 +44,7 @@ def test_lm_study_quick(tmp_path):
         assert heading in report
 
     b = summary["bilinear"]
-    for k in ("loss_silu", "loss_bilinear", "loss_swap_no_finetune"):
+    for k in ("loss_silu", "loss_bilinear", "loss_swap_no_finetune", "loss_silu_finetuned"):
         assert _finite(b[k]) and 0 < b[k] < 10, (k, b[k])
     assert abs(b["delta_nats"]) < 1.0
 
