@@ -159,12 +159,10 @@ def _validate_header(header: np.ndarray) -> None:
     ucounts = header[2 + 2 * f + total :]
     if (uvals == 0).any() or (ucounts <= 0).any():
         raise bad("value histograms contain zeros")
-    sums = (
-        np.add.reduceat(ucounts, np.concatenate([[0], np.cumsum(n_distinct)[:-1]]))
-        if total
-        else np.zeros(0, dtype=np.int64)
-    )
-    if total and not np.array_equal(sums[n_distinct > 0], counts[n_distinct > 0]):
+    owner = np.repeat(np.arange(f), n_distinct)  # feature of each histogram entry
+    sums = np.zeros(f, dtype=np.int64)
+    np.add.at(sums, owner, ucounts)
+    if not np.array_equal(sums, counts):
         raise bad("value histograms do not sum to the active counts")
 
 
