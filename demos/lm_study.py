@@ -82,10 +82,10 @@ DEFAULTS = dict(
 )
 QUICK = dict(
     vocab_size=512, n_layers=2, d_model=64, n_heads=2, d_mlp=128, n_ctx=32,
-    lm_steps=60, lm_batch=16, lm_lr=5e-3,
-    anneal_steps=20, anneal_batch=8, anneal_lr=1e-3,
-    harvest_windows=96, eval_windows=32,
-    widths="32,64,128", ks="4,8", sae_epochs=2, sae_lr=3e-3,
+    lm_steps=40, lm_batch=16, lm_lr=5e-3,
+    anneal_steps=15, anneal_batch=8, anneal_lr=1e-3,
+    harvest_windows=64, eval_windows=24,
+    widths="32,64", ks="4,8", sae_epochs=2, sae_lr=3e-3,
     n_out_features=3, n_pairs=3, truncation_ks="0,1,4,16,65",
     max_docs=300,
 )

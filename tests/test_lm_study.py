@@ -57,7 +57,9 @@ def test_lm_study_quick(tmp_path):
         assert 0 <= r["fvu_quantized"] < 1
 
     for r in summary["evaluate"]:
-        assert -1.0 <= r["ce_loss_recovered"] <= 1.5, r
+        assert _finite(r["ce_loss_recovered"])
+        if r["ce_loss_zero_ablated"] - r["ce_loss_clean"] > 0.01:  # else the ratio is 0/0-ish
+            assert -1.0 <= r["ce_loss_recovered"] <= 1.5, r
         assert _finite(r["kl_clean_spliced"]) and r["kl_clean_spliced"] >= -1e-9
         assert 0 <= r["dead_fraction"] <= 1 and r["l0"] > 0
         assert _finite(r["dl_bits_per_token"]) and r["dl_bits_per_token"] >= 0
