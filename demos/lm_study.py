@@ -638,7 +638,12 @@ def write_report(out: Path, summary: dict) -> None:
                                  "ce_loss_recovered", "kl_clean_spliced",
                                  "dl_bits_per_token"],
                  ["", "FVU", "L0", "dead", "CE clean", "CE spliced", "CE zero-abl.",
-                  "CE recovered", "KL", f"DL (KL tol {s['kl_tolerance']})"]), ""]
+                  "CE recovered", "KL", f"DL (KL tol {s['kl_tolerance']})"]), "",
+           "CE recovered = (CE zero-ablated − CE spliced) / (CE zero-ablated − CE clean): "
+           "ill-conditioned where zero-ablating the hook barely hurts. KL = KL(clean ‖ "
+           "spliced) in nats/token. The last column is the DL (bits/token) with the precision "
+           "chosen so that quantising the latents raises the downstream KL by at most "
+           f"{s['kl_tolerance']} nats/token (section 2 uses an FVU tolerance instead).", ""]
     if s.get("eigen"):
         e = s["eigen"]
         md += ["## 4. Bilinear MLP in the SAE bases", "",
