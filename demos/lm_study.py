@@ -118,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     sae.add_argument("--layer", type=int, default=None, help="block to study (default: last)")
     sae.add_argument("--harvest-windows", type=int, help="training windows of n_ctx tokens")
     sae.add_argument("--eval-windows", type=int, help="held-out windows (scoring, evaluate)")
-    sae.add_argument("--widths", help="SAE widths, comma separated")
+    sae.add_argument("--widths", help="SAE widths, comma separated (d4 = 4 × d_in)")
     sae.add_argument("--ks", help="TopK k values, comma separated")
     sae.add_argument("--sae-epochs", type=int)
     sae.add_argument("--sae-lr", type=float)
@@ -136,7 +136,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    base = QUICK if args.quick else DEFAULTS
+    base = dict(QUICK if args.quick else DEFAULTS)
+    if args.model and not args.quick:
+        # a pretrained model is wider: dictionaries of d_model × (1 … 8), denser codes
+        base.update(widths="d1,d2,d4,d8", ks="16,32,64")
     for k, v in base.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
@@ -392,8 +395,13 @@ def harvest(args, out: Path, model, hooks: dict[str, str], train_w, eval_w):
             {k: ev.activations(h) for k, h in hooks.items()})
 
 
+def parse_widths(spec: str, d_in: int) -> list[int]:
+    """``"64,128"`` or multiples of the activation width ``"d1,d4"`` (``d4`` = 4·d_in)."""
+    return [int(w[1:]) * d_in if w.startswith("d") else int(w) for w in spec.split(",")]
+
+
 def sweep_hook(args, out: Path, key: str, hook: str, acts, eval_acts) -> tuple[list, dict]:
-    widths = [int(w) for w in args.widths.split(",")]
+    widths = parse_widths(args.widths, acts.shape[1])
     ks = [int(k) for k in args.ks.split(",")]
     folder = out / "sweeps" / key
     table = sweep(acts, widths=widths, sparsities=ks, objective="topk",
