@@ -124,7 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     sae.add_argument("--sae-lr", type=float)
     sae.add_argument("--tolerance", type=float, default=0.01,
                      help="precision tolerance: allowed FVU increase from quantising latents")
-    sae.add_argument("--fvu-threshold", type=float, default=0.1,
+    sae.add_argument("--fvu-threshold", type=float, default=0.2,
                      help="selection: quantised FVU must be <= this")
     sae.add_argument("--kl-tolerance", type=float, default=0.01,
                      help="evaluate: DL precision on downstream KL (nats/token)")
@@ -147,12 +147,38 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- helpers
+#: settings that only change the selection and the stages after it; a rerun with other values
+#: reuses the LM, the activations and the sweeps, and redoes evaluate / eigen.
+DOWNSTREAM = ("fvu_threshold", "kl_tolerance", "n_out_features", "n_pairs", "truncation_ks")
+
+
+def stage_key(args, selection: list[dict], names: tuple[str, ...]) -> str:
+    return json.dumps({"saes": [(r["key"], r["width"], r["k"]) for r in selection],
+                       **{n: getattr(args, n) for n in names}}, sort_keys=True)
+
+
+def stage_done(out: Path, stage: str, key: str, files: list[Path]) -> bool:
+    keys = out / "stage_keys.json"
+    known = json.loads(keys.read_text()) if keys.is_file() else {}
+    return known.get(stage) == key and all(f.is_file() for f in files)
+
+
+def mark_done(out: Path, stage: str, key: str) -> None:
+    keys = out / "stage_keys.json"
+    known = json.loads(keys.read_text()) if keys.is_file() else {}
+    known[stage] = key
+    keys.write_text(json.dumps(known, indent=2))
+
+
 class Stages:
     """Prints a header per stage, times it, and records it in ``timings.json``."""
 
     def __init__(self, out: Path):
         self.path = out / "timings.json"
         self.t0 = time.perf_counter()
+        # a resumed stage keeps the timing of the run that made its artefacts
+        old = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.previous: dict[str, Any] = old if isinstance(old, dict) else {}
         self.timings: dict[str, Any] = {}
 
     @contextlib.contextmanager
@@ -161,8 +187,12 @@ class Stages:
         start, cpu = time.perf_counter(), time.process_time()
         yield
         dt, dc = time.perf_counter() - start, time.process_time() - cpu
-        self.timings[name] = {"seconds": round(dt, 2), "cpu_seconds": round(dc, 2),
-                              "resumed": done}
+        prev = self.previous.get(name)
+        if done and isinstance(prev, dict) and "seconds" in prev:
+            self.timings[name] = {**prev, "resumed": True}
+        else:
+            self.timings[name] = {"seconds": round(dt, 2), "cpu_seconds": round(dc, 2),
+                                  "resumed": done}
         print(f"   {name}: {dt:.1f} s (cpu {dc:.1f} s, {torch.get_num_threads()} threads)",
               flush=True)
         self.path.write_text(json.dumps(self.timings, indent=2))
@@ -684,7 +714,8 @@ def write_report(out: Path, summary: dict) -> None:
     md += ["## Timings", "",
            table([{"stage": k, **v} for k, v in s["timings"].items()],
                  ["stage", "seconds", "cpu_seconds", "resumed"],
-                 ["stage", "wall s", "cpu s (all threads)", "resumed"]), ""]
+                 ["stage", "wall s", "cpu s (all threads)", "resumed"]), "",
+           "(Timings are those of the run that made each stage's artefacts.)", ""]
     (out / "report.md").write_text("\n".join(md))
 
 
@@ -700,7 +731,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     cfg_path = out / "config.json"
     key_cfg = {k: v for k, v in vars(args).items()
-               if k not in ("out", "fresh", "no_progress", "threads")}
+               if k not in ("out", "fresh", "no_progress", "threads") + DOWNSTREAM}
     if cfg_path.is_file():
         old = json.loads(cfg_path.read_text())
         diff = {k: (old.get(k), v) for k, v in key_cfg.items() if old.get(k) != v}
@@ -796,13 +827,16 @@ def main(argv=None) -> dict:
               f"FVU_q {r['fvu_quantized']:.3f}")
 
     eval_path = out / "evaluate.json"
-    with st.stage("evaluate", eval_path.is_file()):
-        if eval_path.is_file():
+    ev_key = stage_key(args, selection, ("kl_tolerance",))
+    ev_done = stage_done(out, "evaluate", ev_key, [eval_path])
+    with st.stage("evaluate", ev_done):
+        if ev_done:
             ev = json.loads(eval_path.read_text())
         else:
             ev = evaluate(model, {hooks[k]: saes[k] for k in hooks}, eval_w,
                           dl_kwargs={"tolerance": args.kl_tolerance})
             eval_path.write_text(json.dumps(ev, indent=2))
+            mark_done(out, "evaluate", ev_key)
     ev_rows = [{"key": k, "hook": h, **ev[h]} for k, h in hooks.items()]
     write_csv(out / "evaluate.csv", ev_rows)
     for r in ev_rows:
@@ -812,13 +846,16 @@ def main(argv=None) -> dict:
 
     eig_info = None
     if isinstance(model.blocks[layer].mlp, BilinearMLP):
-        with st.stage("eigen", (out / "truncation.json").is_file()
-                      and (out / "interactions.csv").is_file()):
-            if (out / "truncation.json").is_file() and (out / "interactions.csv").is_file():
+        eig_key = stage_key(args, selection, ("n_out_features", "n_pairs", "truncation_ks"))
+        eig_done = stage_done(out, "eigen", eig_key,
+                              [out / "truncation.json", out / "interactions.csv"])
+        with st.stage("eigen", eig_done):
+            if eig_done:
                 eig_info = json.loads((out / "truncation.json").read_text())
             else:
                 eig_info = eigen_study(args, out, model, layer, saes, eval_acts, eval_w,
                                        decode)
+                mark_done(out, "eigen", eig_key)
             print("   truncation: " + ", ".join(
                 f"k={k}: {lo:.3f}" for k, lo in zip(eig_info["ks"], eig_info["loss"],
                                                     strict=True))
