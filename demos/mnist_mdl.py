@@ -41,22 +41,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="out/mnist_mdl", help="output folder")
     p.add_argument("--mnist-path", default=None, help="folder with MNIST IDX files (optional)")
     p.add_argument("--objective", default="topk", choices=["topk", "mdl", "l1"])
-    p.add_argument("--widths", default="8,16,32,64,128,256,512,1024")
+    p.add_argument("--widths", default="32,64,128,256,512,1024")
     p.add_argument("--sparsities", default=None,
                    help="k values for topk, λ for mdl/l1 (comma separated)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="precision tolerance: allowed FVU increase from quantising latents")
-    p.add_argument("--fvu-threshold", type=float, default=0.25,
+    p.add_argument("--fvu-threshold", type=float, default=0.3,
                    help="selection: quantised reconstruction must have FVU <= this")
     p.add_argument("--train-size", type=int, default=None, help="use the first N train images")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
-DEFAULT_SPARSITIES = {"topk": "2,4,8,16,32,64", "mdl": "3e-4,1e-3,3e-3,1e-2", "l1": "0.03,0.1,0.3"}
+DEFAULT_SPARSITIES = {"topk": "4,6,8,12,16,24,32", "mdl": "3e-4,1e-3,3e-3,1e-2", "l1": "0.03,0.1,0.3"}
 
 
 def best_per_width(rows: list[dict], threshold: float) -> list[dict]:
@@ -118,6 +120,8 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     train, _ = load_mnist("train", args.mnist_path)
     test, _ = load_mnist("test", args.mnist_path)
     if args.train_size:
