@@ -24,7 +24,6 @@ Saved like :class:`~tl_mdl.sae.SAE` (``cfg.json`` with ``"architecture":
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -32,13 +31,14 @@ from typing import Any
 
 import torch
 from jaxtyping import Float, Int
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tl_mdl._io import atomic_write
 from tl_mdl.sae.config import dtype_from_str, dtype_to_str
-from tl_mdl.sae.model import CFG_FILENAME, WEIGHTS_FILENAME
+from tl_mdl.sae.model import (
+    check_state_shapes,
+    read_sae_folder,
+    write_sae_folder,
+)
 
 ARCHITECTURE = "tl_mdl_hierarchical"
 
@@ -332,52 +332,19 @@ class HierarchicalSAE(nn.Module):
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``cfg.json`` and ``sae_weights.safetensors`` into folder ``path``
         (atomically). Returns the folder."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(path / WEIGHTS_FILENAME, lambda p: save_file(tensors, str(p)))
-        cfg_text = json.dumps(self.cfg.to_dict(), indent=2, sort_keys=True)
-        atomic_write(path / CFG_FILENAME, lambda p: Path(p).write_text(cfg_text))
-        return path
+        return write_sae_folder(path, self.state_dict(), self.cfg.to_dict())
 
     @classmethod
     def load(
         cls, path: str | os.PathLike, *, device: str | None = None, dtype: str | None = None
     ) -> HierarchicalSAE:
         """Load a hierarchical SAE written by :meth:`save`."""
-        path = Path(path)
-        cfg_path, weights_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
-        for p in (cfg_path, weights_path):
-            if not p.is_file():
-                raise FileNotFoundError(
-                    f"{p} is missing; a hierarchical SAE folder needs {CFG_FILENAME} and "
-                    f"{WEIGHTS_FILENAME} (as written by HierarchicalSAE.save)"
-                )
-        try:
-            cfg_dict = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfg_path} is not valid JSON ({e}); the file is corrupted") from e
-        if not isinstance(cfg_dict, dict):
-            raise ValueError(f"{cfg_path} is not an SAE config")
-        if device is not None:
-            cfg_dict["device"] = device
-        if dtype is not None:
-            cfg_dict["dtype"] = dtype
+        cfg_dict, state, weights_path = read_sae_folder(
+            path, device=device, dtype=dtype, written_by="HierarchicalSAE.save"
+        )
         cfg = HierarchicalSAEConfig.from_dict(cfg_dict)
-        try:
-            state = load_file(str(weights_path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(
-                f"{weights_path} could not be read ({e}); the file is truncated or not safetensors"
-            ) from e
         sae = cls(cfg)
-        expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in state.items()}
-        if expected != got:
-            raise ValueError(
-                f"{weights_path} does not match {cfg_path}: expected tensors {expected}, "
-                f"found {got}"
-            )
+        check_state_shapes(sae, state, weights_path)
         sae.load_state_dict({k: v.to(cfg.torch_dtype) for k, v in state.items()})
         return sae.to(cfg.device)
 

@@ -180,55 +180,25 @@ class SAE(nn.Module):
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``cfg.json`` and ``sae_weights.safetensors`` into folder ``path``
         (atomically: temp files then rename). Returns the folder."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(path / WEIGHTS_FILENAME, lambda p: save_file(tensors, str(p)))
-        cfg_text = json.dumps(self.cfg.to_dict(), indent=2, sort_keys=True)
-        atomic_write(path / CFG_FILENAME, lambda p: Path(p).write_text(cfg_text))
-        return path
+        return write_sae_folder(path, self.state_dict(), self.cfg.to_dict())
 
     @classmethod
     def load(
         cls, path: str | os.PathLike, *, device: str | None = None, dtype: str | None = None
     ) -> SAE:
         """Load an SAE saved by :meth:`save` (or a SAELens standard/topk/jumprelu save)."""
-        path = Path(path)
-        cfg_path, weights_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
-        for p in (cfg_path, weights_path):
-            if not p.is_file():
-                raise FileNotFoundError(
-                    f"{p} is missing; an SAE folder needs {CFG_FILENAME} and {WEIGHTS_FILENAME} "
-                    "(as written by SAE.save or sae_lens)"
-                )
-        try:
-            cfg_dict = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfg_path} is not valid JSON ({e}); the file is corrupted") from e
-        if not isinstance(cfg_dict, dict) or "d_in" not in cfg_dict or "d_sae" not in cfg_dict:
-            raise ValueError(f"{cfg_path} is not an SAE config (needs d_in, d_sae, architecture)")
-        if device is not None:
-            cfg_dict["device"] = device
-        if dtype is not None:
-            cfg_dict["dtype"] = dtype
+        cfg_dict, state, weights_path = read_sae_folder(
+            path, device=device, dtype=dtype, written_by="SAE.save or sae_lens"
+        )
+        if "d_in" not in cfg_dict or "d_sae" not in cfg_dict:
+            raise ValueError(f"{weights_path.parent / CFG_FILENAME} is not an SAE config "
+                             "(needs d_in, d_sae, architecture)")
         # SAELens TopK option: select on pre·‖W_dec_i‖, decode f/‖W_dec_i‖. Folding the norms
         # into the weights (W_enc·n, b_enc·n, W_dec/n) gives the same latents and output.
         rescale = bool(cfg_dict.pop("rescale_acts_by_decoder_norm", False))
         cfg = SAEConfig.from_dict(cfg_dict)
-        try:
-            state = load_file(str(weights_path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(
-                f"{weights_path} could not be read ({e}); the file is truncated or not safetensors"
-            ) from e
         sae = cls(cfg)
-        expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in state.items()}
-        if expected != got:
-            raise ValueError(
-                f"{weights_path} does not match {cfg_path}: expected tensors {expected}, "
-                f"found {got}"
-            )
+        check_state_shapes(sae, state, weights_path)
         if rescale and cfg.activation == "topk":
             n = state["W_dec"].double().norm(dim=-1)
             state["W_enc"] = (state["W_enc"].double() * n).to(state["W_enc"].dtype)
@@ -241,6 +211,62 @@ class SAE(nn.Module):
         c = self.cfg
         extra = f", k={c.k}" if c.k is not None else ""
         return f"d_in={c.d_in}, d_sae={c.d_sae}, activation={c.activation!r}{extra}"
+
+
+def write_sae_folder(path: str | os.PathLike, state: dict[str, Tensor], cfg: dict) -> Path:
+    """Atomically write ``sae_weights.safetensors`` (``state``) and ``cfg.json`` (``cfg``)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(path / WEIGHTS_FILENAME, lambda p: save_file(tensors, str(p)))
+    cfg_text = json.dumps(cfg, indent=2, sort_keys=True)
+    atomic_write(path / CFG_FILENAME, lambda p: Path(p).write_text(cfg_text))
+    return path
+
+
+def read_sae_folder(
+    path: str | os.PathLike, *, device: str | None = None, dtype: str | None = None,
+    written_by: str = "SAE.save",
+) -> tuple[dict, dict[str, Tensor], Path]:
+    """Read ``cfg.json`` and ``sae_weights.safetensors`` from an SAE folder, with clear
+    errors for missing, corrupted or truncated files. Returns (cfg dict, tensors, weights path);
+    ``device`` / ``dtype`` override the config's."""
+    path = Path(path)
+    cfg_path, weights_path = path / CFG_FILENAME, path / WEIGHTS_FILENAME
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"{p} is missing; an SAE folder needs {CFG_FILENAME} and {WEIGHTS_FILENAME} "
+                f"(as written by {written_by})"
+            )
+    try:
+        cfg_dict = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e}); the file is corrupted") from e
+    if not isinstance(cfg_dict, dict):
+        raise ValueError(f"{cfg_path} is not an SAE config (a JSON object)")
+    if device is not None:
+        cfg_dict["device"] = device
+    if dtype is not None:
+        cfg_dict["dtype"] = dtype
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(
+            f"{weights_path} could not be read ({e}); the file is truncated or not safetensors"
+        ) from e
+    return cfg_dict, state, weights_path
+
+
+def check_state_shapes(module: nn.Module, state: dict[str, Tensor], weights_path: Path) -> None:
+    """Raise when the saved tensors' names/shapes differ from ``module``'s."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        raise ValueError(
+            f"{weights_path} does not match {weights_path.parent / CFG_FILENAME}: expected "
+            f"tensors {expected}, found {got}"
+        )
 
 
 def identity_sae(d_in: int, *, dtype: str = "float32") -> SAE:
