@@ -21,7 +21,6 @@ import json
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,20 +36,11 @@ from tl_mdl.sae.hierarchical import HierarchicalSAE, HierarchicalSAEConfig
 from tl_mdl.training.objectives import (
     _LN2,
     batch_fvu,
-    get_objective,
     register_objective,
     surrogate_bin_width,
 )
 from tl_mdl.training.sweep import SweepTable
-from tl_mdl.training.trainer import (
-    TrainConfig,
-    TrainResult,
-    _Batches,
-    _check_batch,
-    _init_b_dec,
-    _lr_lambda,
-    _StopRequests,
-)
+from tl_mdl.training.trainer import TrainResult, train_sae
 
 
 def _h2(p: Tensor) -> Tensor:
@@ -117,63 +107,14 @@ def train_hierarchical_sae(
     or an iterable of batches), minimising ``FVU + λ · DL`` with the conditional surrogate
     (``objective="hierarchical_mdl"``; any registered objective works, e.g. ``"mdl"`` to
     train it with the flat surrogate). Same batches, learning-rate schedule, ``b_dec``
-    initialisation and Ctrl-C handling as :func:`tl_mdl.train_sae` (no checkpoints).
+    initialisation, checkpoints/resume and Ctrl-C handling as :func:`tl_mdl.train_sae`
+    (it *is* ``train_sae`` with the conditional objective).
     Returns the SAE, or a ``TrainResult`` with the loss history."""
-    fn = get_objective(objective)
-    if isinstance(activations, Tensor) and (
-        activations.ndim != 2 or activations.shape[1] != cfg.d_in or activations.shape[0] == 0
-    ):
-        raise ValueError(
-            f"activations have shape {tuple(activations.shape)}; expected [N > 0, d_in={cfg.d_in}]"
-        )
-    tc = TrainConfig(
-        objective=objective,
-        sparsity=float(sparsity),
-        tolerance=tolerance,
-        steps=steps,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        **train_kwargs,
+    return train_sae(
+        activations, cfg, objective, sparsity=sparsity, steps=steps, epochs=epochs,
+        batch_size=batch_size, lr=lr, tolerance=tolerance, seed=seed, progress=progress,
+        return_history=return_history, **train_kwargs,
     )
-    batches = _Batches(activations, batch_size, seed)
-    if tc.steps is None:
-        if batches.per_epoch is None:
-            raise ValueError("steps= is required when activations are an iterable of batches")
-        tc.steps = tc.epochs * batches.per_epoch
-    total = int(tc.steps)
-    sae = HierarchicalSAE(cfg, seed=seed)
-    opt = torch.optim.Adam(sae.parameters(), lr=tc.lr)
-    lr_at = _lr_lambda(tc, total)
-    _init_b_dec(sae, activations if isinstance(activations, Tensor) else None)
-    history: list[dict[str, float]] = []
-    desc = f"train {objective} {cfg.n_parents}x{cfg.children_per_parent}"
-    with _StopRequests() as stop:
-        for step in tqdm(range(total), desc=desc, disable=not progress, leave=False):
-            if stop.requested:
-                raise KeyboardInterrupt(f"training interrupted at step {step}")
-            try:
-                x = batches.get(step).to(sae.W_enc.device, sae.W_enc.dtype)
-            except StopIteration:
-                break
-            _check_batch(x, cfg.d_in, step)
-            if step == 0 and not isinstance(activations, Tensor):
-                _init_b_dec(sae, x)
-            latents = sae.encode(x)
-            loss, parts = fn(sae, x, latents, sae.decode(latents), tc.sparsity, tc.tolerance)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at step {step} ({parts})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for group in opt.param_groups:
-                group["lr"] = tc.lr * lr_at(step)
-            opt.step()
-            if step % tc.log_every == 0 or step + 1 == total:
-                l0 = float((latents != 0).sum(-1).float().mean())
-                history.append({"step": step, "loss": float(loss.detach()), **parts, "l0": l0})
-    sae.cfg.metadata.setdefault("training", asdict(tc))
-    return TrainResult(sae, history) if return_history else sae
 
 
 # ------------------------------------------------------------------------ sweep

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from tl_mdl._io import atomic_write
 from tl_mdl.mdl import DEFAULT_TOLERANCE
-from tl_mdl.sae import SAE, SAEConfig
+from tl_mdl.sae import SAE, HierarchicalSAE, HierarchicalSAEConfig, SAEConfig
 from tl_mdl.training import distributed as ddp
 from tl_mdl.training.objectives import Objective, get_objective
 
@@ -240,7 +240,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
 # ------------------------------------------------------------------------ train
 def train_sae(
     activations: Tensor | Iterable[Tensor],
-    cfg: SAEConfig,
+    cfg: SAEConfig | HierarchicalSAEConfig,
     objective: str = "mdl",
     *,
     sparsity: float | None = None,
@@ -324,14 +324,14 @@ def train_sae(
             "init_distributed())"
         )
     writer = not data_parallel or ddp.is_main_process()  # rank 0 alone writes checkpoints
-    sae = SAE(cfg, seed=seed)
+    sae = (HierarchicalSAE if isinstance(cfg, HierarchicalSAEConfig) else SAE)(cfg, seed=seed)
     opt = torch.optim.Adam(sae.parameters(), lr=tc.lr)
     history: list[dict[str, float]] = []
     start = 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None and resume and has_checkpoint(ckpt):
         meta, tensors = load_checkpoint(ckpt)
-        if SAEConfig.from_dict(meta["sae_cfg"]) != cfg:
+        if type(cfg).from_dict(meta["sae_cfg"]) != cfg:
             raise ValueError(
                 f"checkpoint in {ckpt} is for a different SAE config; pass resume=False or "
                 "another checkpoint_dir"
