@@ -130,7 +130,8 @@ def main(argv=None) -> dict:
         train = train[: args.train_size]
         test = test[: max(args.train_size // 6, 100)]
     widths = [int(w) for w in args.widths.split(",")]
-    sparsities = [float(s) for s in (args.sparsities or DEFAULT_SPARSITIES[args.objective]).split(",")]
+    spec = args.sparsities or DEFAULT_SPARSITIES[args.objective]
+    sparsities = [float(s) for s in spec.split(",")]
     print(f"MNIST: {train.shape[0]} train / {test.shape[0]} test images, 784 pixels; "
           f"{args.objective} SAEs, widths {widths}, sparsities {sparsities}")
 
