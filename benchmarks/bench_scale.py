@@ -11,6 +11,8 @@ are not counted.
 * ``dl``: ``description_length`` at a fixed bin width over growing N. ours = the library
   call (chunked encode, sparse code); baseline = the dense recipe
   ``latent_description_length(quantize(sae.encode(x), w))`` + a dense decode for the FVU.
+  ``dl_*_chunked64MB``: ours = the call with ``max_memory_mb=64`` (inputs streamed in
+  chunks), baseline = the in-memory library call.
 * ``eig``: every output direction's eigendecomposition of a bilinear layer (``n = d_model``
   directions, ``d_mlp = 4 d_model``, top-8 pairs kept). ours = ``iter_eigendecompose`` in
   chunks of 32 directions; baseline = materialise the tensor ``B [d_out, d, d]`` and
@@ -89,6 +91,12 @@ def _dl(variant: str, n: int, d_in: int, d_sae: int) -> dict[str, float]:
 
     def ours() -> None:
         description_length(sae, x, bin_width=w, raw_cost=False)
+
+    def chunked() -> None:
+        description_length(sae, x, bin_width=w, raw_cost=False, max_memory_mb=64)
+
+    if variant == "chunked":
+        return _measure(chunked)
 
     @torch.no_grad()
     def baseline() -> None:
@@ -206,6 +214,10 @@ def bench_dl(full: bool) -> None:
         ours_all.append(ours)
         _line(f"dl_N{n}_d{d_in}_F{d_sae}_time", ours, base, "seconds", "s")
         _line(f"dl_N{n}_d{d_in}_F{d_sae}_peak", ours, base, "peak_mb", "MB")
+        # ours = max_memory_mb=64 (streamed chunks), baseline = the in-memory library call
+        chunked = _run("dl", "chunked", n=n, d_in=d_in, d_sae=d_sae)
+        _line(f"dl_N{n}_d{d_in}_F{d_sae}_chunked64MB_time", chunked, ours, "seconds", "s")
+        _line(f"dl_N{n}_d{d_in}_F{d_sae}_chunked64MB_peak", chunked, ours, "peak_mb", "MB")
     _growth("dl time", sizes, ours_all, "seconds")
     _growth("dl peak", sizes, ours_all, "peak_mb")
 

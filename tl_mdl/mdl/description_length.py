@@ -17,8 +17,10 @@ from tl_mdl._io import load_activations
 from tl_mdl.mdl.losses import LossFn, build_model_loss
 from tl_mdl.mdl.precision import STEPS_PER_OCTAVE, SearchResult, search_bin_width
 from tl_mdl.mdl.quantize import (
+    FeatureCode,
     _check_bin_width,
     _xlog2x,
+    code_stats_from_counts,
     flatnonzero,
     sparse_code_stats,
     total_variance,
@@ -286,8 +288,157 @@ class _QuantizedFVU:
         return math.sqrt(12 * tolerance * self.tv / energy) if energy > 0 else 1.0
 
 
+class _KeyCounter:
+    """Counts of int64 keys in ``[0, n_keys)`` accumulated over chunks: a dense bincount
+    when the key range is small, else a sorted (keys, counts) pair merged per chunk.
+    Memory O(min(n_keys, distinct keys) + chunk)."""
+
+    def __init__(self, n_keys: int, dense_limit: int, device=None):
+        self.n_keys = n_keys
+        self.dense = n_keys <= dense_limit
+        self.counts = torch.zeros(n_keys if self.dense else 0, dtype=torch.int64, device=device)
+        self.keys = torch.zeros(0, dtype=torch.int64, device=device)
+
+    def add(self, keys: Tensor) -> None:
+        keys = keys.reshape(-1).to(torch.int64)
+        if keys.numel() == 0:
+            return
+        if self.dense:
+            self.counts += torch.bincount(keys, minlength=self.n_keys)
+            return
+        u, c = torch.unique(keys, return_counts=True)
+        merged, inv = torch.unique(torch.cat([self.keys, u]), return_inverse=True)
+        counts = torch.zeros(merged.numel(), dtype=torch.int64, device=merged.device)
+        self.counts = counts.index_add_(0, inv, torch.cat([self.counts, c]))
+        self.keys = merged
+
+    def items(self) -> tuple[Tensor, Tensor]:
+        """Present keys (ascending) and their counts (> 0)."""
+        if self.dense:
+            present = flatnonzero(self.counts)
+            return present, self.counts[present]
+        return self.keys, self.counts
+
+
+def _code_sse(W: Tensor, resid: Tensor, idx: Tensor, weights: Tensor, f: int) -> float:
+    """``Σ ‖resid − c W‖²`` for the ``[n, f]`` code ``c`` equal to ``weights`` at the flat
+    (row-major, ascending) indices ``idx`` and 0 elsewhere: sparse decode as a weighted
+    embedding bag when sparse, else the dense product."""
+    n = resid.shape[0]
+    if idx.numel() > _SPARSE_DENSITY * n * f:
+        codes = torch.zeros(n * f, dtype=W.dtype, device=W.device)
+        codes[idx] = weights
+        return _sq_dist(codes.view(n, f) @ W, resid)
+    itype = torch.int32 if n * f < 2**31 else torch.int64
+    rows = idx // f
+    cols = (idx - rows * f).to(itype)
+    offsets = torch.zeros(n, dtype=itype, device=idx.device)
+    offsets[1:] = torch.bincount(rows, minlength=n)[:-1].cumsum(0)
+    recon = torch.nn.functional.embedding_bag(
+        cols, W, offsets, mode="sum", per_sample_weights=weights
+    )
+    return _sq_dist(recon, resid)
+
+
+def _chunk_code(lat: Tensor, w: float) -> tuple[Tensor, Tensor]:
+    """Flat indices and float64 (integer-valued) values of the nonzero entries of
+    ``round(lat.double() / w)``, from candidates ``|lat| > τ`` with ``τ < w/2``."""
+    shrink = 2.0 ** (-_CANDIDATE_MARGIN_STEPS / STEPS_PER_OCTAVE)
+    tau = float(torch.tensor(0.5 * w * shrink * (1 - 1e-6), dtype=lat.dtype))
+    idx = flatnonzero(lat.abs() > tau)
+    q = torch.round(lat.reshape(-1)[idx].double() / w)
+    keep = flatnonzero(q)
+    return idx[keep], q[keep]
+
+
+class _StreamedQuantizedFVU:
+    """:class:`_QuantizedFVU` over inputs in chunks of ``rows`` rows, never holding more
+    than one chunk of latents: every exact evaluation re-encodes the inputs chunk by chunk
+    (time up, memory O(rows · d_sae)). The proxy uses the same row subsample, encoded on
+    its own."""
+
+    def __init__(self, sae: SAE, x: Tensor, rows: int, tv: float | None = None):
+        self.sae, self.x, self.rows = sae, x, max(1, int(rows))
+        self.n, self.f = x.shape[0], sae.cfg.d_sae
+        self.W = sae.W_dec.detach()
+        self.tv = total_variance(x) if tv is None else tv
+        sse, nnz, lo, hi = 0.0, 0, math.inf, -math.inf
+        for lat, resid in self._chunks():
+            a, b = (float(t) for t in torch.aminmax(lat))
+            lo, hi = min(lo, a), max(hi, b)
+            idx = flatnonzero(lat)
+            nnz += idx.numel()
+            sse += _code_sse(self.W, resid, idx, lat.reshape(-1)[idx].to(self.W.dtype), self.f)
+        self.nonneg = lo >= 0
+        self.abs_max = max(-lo, hi)
+        self.n_nonzero = nnz
+        self.sse0 = sse
+        self.fvu = self.sse0 / self.tv
+        self._proxy_state: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def _chunks(self):
+        dev = self.W.device
+        b_dec = self.sae.b_dec.detach()
+        for i in range(0, self.n, self.rows):
+            xi = self.x[i : i + self.rows].to(dev)
+            lat = self.sae.encode(xi)
+            yield lat, xi.to(self.W.dtype) - b_dec
+
+    def quantized_fvu(self, w: float) -> float:
+        sse = 0.0
+        for lat, resid in self._chunks():
+            idx, q = _chunk_code(lat, w)
+            sse += _code_sse(self.W, resid, idx, (q * w).to(self.W.dtype), self.f)
+        return sse / self.tv
+
+    def __call__(self, w: float) -> float:
+        return self.quantized_fvu(w) - self.fvu
+
+    def code_stats(self, w: float) -> tuple[FeatureCode, int]:
+        """Per-feature code statistics of ``round(latents / w)`` and the number of distinct
+        nonzero values, accumulated over chunks."""
+        f = self.f
+        vmax = math.ceil(self.abs_max / w) + 1  # |q| <= vmax
+        vmin = 1 if self.nonneg else -vmax
+        span = vmax - vmin + 1
+        if span > (2**62) // f:
+            raise ValueError(f"bin_width={w:g} is too fine for the chunked path's value range")
+        limit = max(1 << 22, 4 * self.rows * f)
+        counts = torch.zeros(f, dtype=torch.int64, device=self.W.device)
+        pairs = _KeyCounter(f * span, limit, self.W.device)
+        values = _KeyCounter(span, limit, self.W.device)
+        for lat, _ in self._chunks():
+            idx, q = _chunk_code(lat, w)
+            cols = idx % f
+            v = q.to(torch.int64) - vmin
+            counts += torch.bincount(cols, minlength=f)
+            pairs.add(cols * span + v)
+            values.add(v)
+        keys, pc = pairs.items()
+        per_pair = torch.zeros(f, dtype=torch.float64, device=keys.device)
+        per_pair.index_add_(0, keys // span, _xlog2x(pc))
+        return code_stats_from_counts(self.n, counts, per_pair), values.items()[0].numel()
+
+    def _proxy(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self._proxy_state is None:
+            dev = self.W.device
+            rows = _sample_rows(self.n, _PROXY_ROWS, self.x.device)
+            xs = self.x[rows].to(dev)
+            fs = self.sae.encode(xs)
+            r = (xs.to(self.W.dtype) - self.sae.b_dec.detach()) - fs @ self.W
+            self._proxy_state = (fs, 2 * (r @ self.W.T), self.W.pow(2).sum(1))
+        return self._proxy_state
+
+    proxy = _QuantizedFVU.proxy
+    guess = _QuantizedFVU.guess
+
+
 def _raw_cost(
-    x: Tensor, tolerance: float, tv: float | None = None, abs_max: float | None = None
+    x: Tensor,
+    tolerance: float,
+    tv: float | None = None,
+    abs_max: float | None = None,
+    rows: int | None = None,
 ) -> tuple[float, float]:
     """Bits per input to code the activations themselves, each dimension with its own
     empirical distribution, at the coarsest grid width with FVU ≤ tolerance.
@@ -303,6 +454,10 @@ def _raw_cost(
         abs_max = max(-float(lo), float(hi))
 
     def inc(w: float) -> float:
+        if rows is not None:  # chunked: temporaries O(rows · d)
+            return sum(
+                _sq_dist(torch.round(c * (1 / w)).mul_(w), c) for c in xf.split(rows)
+            ) / tv
         return _sq_dist(torch.round(xf * (1 / w)).mul_(w), xf) / tv
 
     proxy = None
@@ -325,6 +480,18 @@ def _raw_cost(
     # integer-valued float64 keys  round(x/w) − lo + column · span  (exact below 2^53)
     lo, hi = math.floor(-abs_max / w) - 1, math.ceil(abs_max / w) + 1
     span = hi - lo + 1
+    if rows is not None:  # chunked per-dimension value histograms
+        if span * d >= 2**62:
+            raise ValueError(f"raw bin width {w:g} is too fine for the chunked path")
+        counter = _KeyCounter(span * d, max(1 << 24, 4 * rows * d), xf.device)
+        col_off = torch.arange(d, dtype=torch.int64, device=xf.device) * span - lo
+        for c in xf.split(rows):
+            key = torch.round(c.to(torch.float64) / w).to(torch.int64) + col_off
+            counter.add(key)
+        keys, counts = counter.items()
+        per_col = torch.zeros(d, dtype=torch.float64, device=xf.device)
+        per_col.index_add_(0, keys // span, _xlog2x(counts))
+        return float(((_xlog2x(torch.tensor(float(n))) - per_col.cpu()) / n).sum()), w
     if span * d > max(1 << 24, 4 * flat.numel()) or span * d >= 2**52:
         q = torch.round(xf.to(torch.float64) / w).to(torch.int64)
         return float(value_entropy(q).sum()), w
@@ -385,6 +552,31 @@ def _validated_activations(activations, d_in: int) -> tuple[Tensor, float]:
     return x, abs_max
 
 
+def _chunk_rows(max_memory_mb: float | None, n: int, d_sae: int) -> int | None:
+    """Rows per chunk for a memory budget (None: everything at once fits, or no budget)."""
+    if max_memory_mb is None:
+        return None
+    budget = float(max_memory_mb) * 2**20
+    if not (math.isfinite(budget) and budget > 0):
+        raise ValueError(f"max_memory_mb must be a finite number > 0, got {max_memory_mb!r}")
+    if n * d_sae * 4 <= budget:
+        return None
+    return max(1, int(budget / (64 * d_sae)))
+
+
+def _total_variance_chunked(x: Tensor, rows: int) -> float:
+    """:func:`total_variance` with float64 temporaries of one chunk of rows at a time."""
+    n = x.shape[0]
+    mean = sum(c.to(torch.float64).sum(0) for c in x.split(rows)) / n
+    tv = 0.0
+    for c in x.split(rows):
+        r = (c.to(torch.float64) - mean).reshape(-1)
+        tv += float(torch.dot(r, r))
+    if tv <= 0:
+        raise ValueError("activations have zero variance (all inputs identical); FVU is undefined")
+    return tv
+
+
 @torch.no_grad()
 def description_length(
     sae: SAE,
@@ -397,6 +589,7 @@ def description_length(
     hook_name: str | None = None,
     tokens: Tensor | None = None,
     raw_cost: bool = True,
+    max_memory_mb: float | None = None,
 ) -> DLReport:
     """Description length (bits per input) of ``activations [N, d_in]`` written in the SAE's
     latents, quantised at one shared bin width.
@@ -407,6 +600,13 @@ def description_length(
     increase), a model-based loss ``"kl"`` / ``"ce"`` (nats per token, with ``model``,
     ``hook_name`` and ``tokens``; built by ``tl_mdl.hooks``), or any callable
     ``bin_width | None -> loss``.
+
+    ``max_memory_mb`` bounds memory: when the latents ``[N, d_sae]`` (4 bytes each) would
+    take more than that, the inputs are processed in chunks of rows whose latents take at
+    most a quarter of it (the rest is for temporaries), re-encoding every chunk on each
+    pass (the unquantised error, each exact evaluation of the search, the final code
+    statistics); counts are merged across chunks, so the report is the same as without
+    it (up to float summation order). Default ``None``: all latents held at once (fastest).
     """
     if not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance <= 0:
         raise ValueError(f"tolerance must be a finite number > 0, got {tolerance!r}")
@@ -416,9 +616,12 @@ def description_length(
             "(e.g. 0.01 = one percent of the variance)"
         )
     x, x_abs_max = _validated_activations(activations, sae.cfg.d_in)
-    latents = encode_all(sae, x)
-    tv = total_variance(x)
-    fq = _QuantizedFVU(sae, x, latents, tv)
+    rows = _chunk_rows(max_memory_mb, x.shape[0], sae.cfg.d_sae)
+    tv = total_variance(x) if rows is None else _total_variance_chunked(x, rows)
+    if rows is None:
+        fq = _QuantizedFVU(sae, x, encode_all(sae, x), tv)
+    else:
+        fq = _StreamedQuantizedFVU(sae, x, rows, tv)
     saturation = 2 * fq.abs_max + 1e-12
 
     if callable(loss):
@@ -454,9 +657,12 @@ def description_length(
         tolerance = None  # type: ignore[assignment]
     w = res.bin_width
 
-    idx, nz = fq.code(w)  # the nonzero entries of quantize(latents, w)
-    stats = sparse_code_stats(fq.n, fq.f, idx % fq.f, nz)
-    n_levels = _n_distinct(nz)
+    if isinstance(fq, _StreamedQuantizedFVU):
+        stats, n_levels = fq.code_stats(w)
+    else:
+        idx, nz = fq.code(w)  # the nonzero entries of quantize(latents, w)
+        stats = sparse_code_stats(fq.n, fq.f, idx % fq.f, nz)
+        n_levels = _n_distinct(nz)
     bits_per_value = math.log2(n_levels) if n_levels > 1 else 0.0
     l0 = float(stats.active_counts.sum()) / stats.n_inputs
     fvu_quantized = fq.quantized_fvu(w) if loss_fn is not None else fq.fvu + res.loss_increase
@@ -468,7 +674,7 @@ def description_length(
             if (tolerance is not None and loss_name == "fvu")
             else max(fvu_quantized - fq.fvu, 1e-6)
         )
-        raw_bits, raw_w = _raw_cost(x, raw_tol, tv, x_abs_max)
+        raw_bits, raw_w = _raw_cost(x, raw_tol, tv, x_abs_max, rows)
     else:
         raw_bits, raw_w = float("nan"), float("nan")
     return DLReport(

@@ -168,6 +168,13 @@ def sparse_code_stats(
                 torch.stack([cols, values], 1), dim=0, return_counts=True
             )
             per_feature_pair.index_add_(0, uniq[:, 0], _xlog2x(pair_counts))
+    return code_stats_from_counts(n, counts, per_feature_pair)
+
+
+def code_stats_from_counts(n: int, counts: Tensor, per_feature_pair: Tensor) -> FeatureCode:
+    """:class:`FeatureCode` from per-feature active counts ``c_i`` (int64 ``[F]``) and
+    ``Σ_v c_{i,v} log2 c_{i,v}`` (float64 ``[F]``) over ``n`` inputs (e.g. accumulated over
+    chunks of inputs)."""
     counts_d = counts.double()
     p = counts_d / n
     # p_i H_i = (c_i log2 c_i − Σ_v c_iv log2 c_iv) / N ;  H_i = that / p_i.
