@@ -519,3 +519,22 @@ def test_no_hooks_leak_after_ablation_failures():
 
 def _boom(act, hook):
     raise RuntimeError("hook failed")
+
+
+def test_device_mismatch_is_a_clear_error_without_a_gpu():
+    """A device mismatch, exercised with the 'meta' device (no GPU needed): attaching an
+    SAE whose weights live elsewhere than the model names both devices and the fix."""
+    import pytest
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    import tl_mdl
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32,
+                                  d_vocab=50, n_ctx=8, act_fn="gelu")
+    model = HookedTransformer(cfg)
+    sae = tl_mdl.SAE(tl_mdl.SAEConfig(d_in=16, d_sae=32)).to("meta")
+    before = {name: len(hp._forward_hooks) for name, hp in model.hook_dict.items()}
+    with pytest.raises((ValueError, TypeError, RuntimeError), match="meta"):
+        tl_mdl.attach_sae(model, "blocks.0.hook_resid_pre", sae)
+    after = {name: len(hp._forward_hooks) for name, hp in model.hook_dict.items()}
+    assert before == after
