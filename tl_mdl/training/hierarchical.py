@@ -16,20 +16,17 @@ same bin width ``w`` and soft presence ``s_{n,i} = σ((f_{n,i} − w/2)/(w/4)) �
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_mdl._io import atomic_write
 from tl_mdl.mdl import DEFAULT_TOLERANCE
 from tl_mdl.mdl.hierarchical import hierarchical_dl_report
 from tl_mdl.sae.hierarchical import HierarchicalSAE, HierarchicalSAEConfig
@@ -39,7 +36,7 @@ from tl_mdl.training.objectives import (
     register_objective,
     surrogate_bin_width,
 )
-from tl_mdl.training.sweep import SweepTable
+from tl_mdl.training.sweep import SweepTable, load_scored, report_columns, save_scored
 from tl_mdl.training.trainer import TrainResult, train_sae
 
 
@@ -144,20 +141,11 @@ HIERARCHICAL_COLUMNS = (
 class HierarchicalSweepTable(SweepTable):
     """Rows of :func:`sweep_hierarchical` (``bits_per_input`` is the conditional DL)."""
 
+    columns: ClassVar[tuple[str, ...]] = HIERARCHICAL_COLUMNS
+
     def select_sae(self, tolerance: float) -> HierarchicalSAE:
         row = self.select(tolerance)
         return row["sae"] if row.get("sae") is not None else HierarchicalSAE.load(row["path"])
-
-    def to_csv(self, path: str | os.PathLike) -> Path:
-        def write(p: Path) -> None:
-            with open(p, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=list(HIERARCHICAL_COLUMNS), extrasaction="ignore")
-                w.writeheader()
-                for r in self.rows:
-                    w.writerow({k: r.get(k, "") for k in HIERARCHICAL_COLUMNS})
-
-        atomic_write(path, write)
-        return Path(path)
 
 
 def sweep_hierarchical(
@@ -194,9 +182,8 @@ def sweep_hierarchical(
     for p, c, sp in tqdm(grid, desc="sweep hierarchical", disable=not progress):
         tag = f"p{p}_c{c}" + (f"_k{child_topk}" if child_topk is not None else "")
         folder = out / f"{tag}_s{sp:g}" if out is not None else None
-        if folder is not None and (folder / "scores.json").is_file():
-            row = json.loads((folder / "scores.json").read_text())
-            row["sae"] = HierarchicalSAE.load(folder)
+        row = load_scored(folder, HierarchicalSAE)
+        if row is not None:
             table.rows.append(row)
             continue
         cfg = HierarchicalSAEConfig(
@@ -222,24 +209,13 @@ def sweep_hierarchical(
             "width": cfg.d_sae,
             "sparsity": sp,
             "objective": objective,
-            "bits_per_input": rep.bits_per_input,
+            **report_columns(rep),
             "flat_bits_per_input": rep.flat_bits_per_input,
-            "bin_width": rep.bin_width,
-            "l0": rep.l0,
             "l0_parents": float(p_active[:p].sum()),
-            "fvu": rep.fvu,
-            "fvu_quantized": rep.fvu_quantized,
-            "explained_variance": rep.explained_variance,
-            "naive_bits": rep.naive_bits,
-            "raw_bits": rep.raw_bits,
             "train_seconds": seconds,
             "path": str(folder) if folder is not None else "",
         }
-        if folder is not None:
-            sae.save(folder)
-            atomic_write(
-                folder / "scores.json", lambda q, r=dict(row): q.write_text(json.dumps(r, indent=2))
-            )
+        save_scored(folder, sae, row)
         row["sae"] = sae
         table.rows.append(row)
         if out is not None:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -43,6 +43,8 @@ class SweepTable:
     """Rows of a sweep: one dict per SAE with the :data:`COLUMNS` plus the ``"sae"`` itself."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
+    #: the scalar columns written by :meth:`to_csv`
+    columns: ClassVar[tuple[str, ...]] = COLUMNS
 
     def __iter__(self):
         return iter(self.rows)
@@ -65,13 +67,45 @@ class SweepTable:
 
         def write(p: Path) -> None:
             with open(p, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=list(COLUMNS), extrasaction="ignore")
+                w = csv.DictWriter(fh, fieldnames=list(self.columns), extrasaction="ignore")
                 w.writeheader()
                 for r in self.rows:
-                    w.writerow({k: r.get(k, "") for k in COLUMNS})
+                    w.writerow({k: r.get(k, "") for k in self.columns})
 
         atomic_write(path, write)
         return Path(path)
+
+
+def report_columns(rep: Any) -> dict[str, float]:
+    """The scalar sweep columns taken from a ``DLReport`` (flat or hierarchical)."""
+    return {
+        "bits_per_input": rep.bits_per_input,
+        "bin_width": rep.bin_width,
+        "l0": rep.l0,
+        "fvu": rep.fvu,
+        "fvu_quantized": rep.fvu_quantized,
+        "explained_variance": rep.explained_variance,
+        "naive_bits": rep.naive_bits,
+        "raw_bits": rep.raw_bits,
+    }
+
+
+def save_scored(folder: Path | None, sae: Any, row: dict[str, Any]) -> None:
+    """Save a trained sweep SAE and its scalar row (``scores.json``) into ``folder``."""
+    if folder is None:
+        return
+    sae.save(folder)
+    text = json.dumps(row, indent=2)
+    atomic_write(folder / "scores.json", lambda p: p.write_text(text))
+
+
+def load_scored(folder: Path | None, sae_cls: Any) -> dict[str, Any] | None:
+    """The row saved by :func:`save_scored` with its SAE loaded (resume), or None."""
+    if folder is None or not (folder / "scores.json").is_file():
+        return None
+    row = json.loads((folder / "scores.json").read_text())
+    row["sae"] = sae_cls.load(folder)
+    return row
 
 
 def _key(width: int, sparsity: float) -> str:
@@ -128,9 +162,8 @@ def sweep(
     table = SweepTable()
     for index, (width, sp) in tqdm(mine, desc=f"sweep {objective}", disable=not progress):
         folder = out / _key(width, sp) if out is not None else None
-        if folder is not None and (folder / "scores.json").is_file():
-            row = json.loads((folder / "scores.json").read_text())
-            row["sae"] = SAE.load(folder)
+        row = load_scored(folder, SAE)
+        if row is not None:
             row["grid_index"] = index
             table.rows.append(row)
             continue
@@ -155,22 +188,11 @@ def sweep(
             "width": width,
             "sparsity": sp,
             "objective": objective,
-            "bits_per_input": rep.bits_per_input,
-            "bin_width": rep.bin_width,
-            "l0": rep.l0,
-            "fvu": rep.fvu,
-            "fvu_quantized": rep.fvu_quantized,
-            "explained_variance": rep.explained_variance,
-            "naive_bits": rep.naive_bits,
-            "raw_bits": rep.raw_bits,
+            **report_columns(rep),
             "train_seconds": seconds,
             "path": str(folder) if folder is not None else "",
         }
-        if folder is not None:
-            sae.save(folder)
-            atomic_write(
-                folder / "scores.json", lambda p, r=dict(row): p.write_text(json.dumps(r, indent=2))
-            )
+        save_scored(folder, sae, row)
         row["sae"] = sae
         row["grid_index"] = index
         table.rows.append(row)
