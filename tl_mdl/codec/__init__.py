@@ -102,21 +102,26 @@ def encode(q: Int[Tensor, "n d_sae"]) -> bytes:
         if 0 < c < n:  # presence stream
             coder.encode_reverse(active_mask[:, i].astype(np.int32), _bernoulli(c, n))
     payload = coder.get_compressed().astype("<u4").tobytes()
-    header = zlib.compress(
-        np.concatenate([[n, f], counts, n_distinct, uvals, ucounts]).astype("<i8").tobytes(), 9
-    )
-    body = _FIXED.pack(0, len(header), len(payload) // 4)[4:] + header + payload
-    return MAGIC + struct.pack("<I", zlib.crc32(body)) + body
+    return _frame(MAGIC, np.concatenate([[n, f], counts, n_distinct, uvals, ucounts]), payload)
 
 
-def _parse(data: bytes):
+def _frame(magic: bytes, header: np.ndarray, payload: bytes) -> bytes:
+    """``magic | crc32 | header_len | payload_words | zlib(int64 header) | payload``."""
+    packed = zlib.compress(np.asarray(header).astype("<i8").tobytes(), 9)
+    body = _FIXED.pack(0, len(packed), len(payload) // 4)[4:] + packed + payload
+    return magic + struct.pack("<I", zlib.crc32(body)) + body
+
+
+def _unframe(data: bytes, magic: bytes, writer: str):
+    """Inverse of :func:`_frame`, checking magic, lengths and CRC: returns the int64 header,
+    the payload words and the compressed header's length in bytes."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"data must be bytes from tl_mdl.codec.encode, got {type(data).__name__}")
+        raise TypeError(f"data must be bytes from {writer}, got {type(data).__name__}")
     data = bytes(data)
-    if len(data) < len(MAGIC) + _FIXED.size or not data.startswith(MAGIC):
-        raise ValueError("not a tl_mdl latent code (bad magic); was it written by codec.encode?")
-    crc, header_len, n_words = _FIXED.unpack_from(data, len(MAGIC))
-    body = data[len(MAGIC) + 4 :]
+    if len(data) < len(magic) + _FIXED.size or not data.startswith(magic):
+        raise ValueError(f"not a {writer} stream (bad magic); was it written by {writer}?")
+    crc, header_len, n_words = _FIXED.unpack_from(data, len(magic))
+    body = data[len(magic) + 4 :]
     expected = 16 + header_len + 4 * n_words
     if len(body) != expected:
         raise ValueError(
@@ -131,8 +136,13 @@ def _parse(data: bytes):
     if len(raw) % 8:
         raise ValueError("latent code header is corrupted (not a whole number of int64)")
     header = np.frombuffer(raw, dtype="<i8")
-    _validate_header(header)
     payload = np.frombuffer(body[16 + header_len :], dtype="<u4").astype(np.uint32)
+    return header, payload, header_len
+
+
+def _parse(data: bytes):
+    header, payload, header_len = _unframe(data, MAGIC, "tl_mdl.codec.encode")
+    _validate_header(header)
     return header, payload, header_len
 
 

@@ -18,9 +18,6 @@ the header (zlib) holds ``N, F, parent_index[F]`` and then the flat codec's mode
 
 from __future__ import annotations
 
-import struct
-import zlib
-
 import numpy as np
 import torch
 from jaxtyping import Int
@@ -32,7 +29,9 @@ from tl_mdl.codec import (
     _AnsCoder,
     _bernoulli,
     _Categorical,
+    _frame,
     _histograms,
+    _unframe,
     _validate_header,
 )
 from tl_mdl.sae.hierarchical import check_gating, check_parent_index
@@ -82,41 +81,11 @@ def encode(q: Int[Tensor, "n d_sae"], parent_index: Int[Tensor, " d_sae"] | list
         if 0 < c < ca:  # presence stream over the inputs where the parent is active
             coder.encode_reverse(active[where, i].astype(np.int32), _bernoulli(c, ca))
     payload = coder.get_compressed().astype("<u4").tobytes()
-    header = zlib.compress(
-        np.concatenate([[n, f], pin, counts, n_distinct, uvals, ucounts]).astype("<i8").tobytes(),
-        9,
-    )
-    body = _FIXED.pack(0, len(header), len(payload) // 4)[4:] + header + payload
-    return MAGIC + struct.pack("<I", zlib.crc32(body)) + body
+    return _frame(MAGIC, np.concatenate([[n, f], pin, counts, n_distinct, uvals, ucounts]), payload)
 
 
 def _parse(data: bytes):
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(
-            f"data must be bytes from tl_mdl.codec.hierarchical.encode, got {type(data).__name__}"
-        )
-    data = bytes(data)
-    if len(data) < len(MAGIC) + _FIXED.size or not data.startswith(MAGIC):
-        raise ValueError(
-            "not a tl_mdl hierarchical latent code (bad magic); was it written by "
-            "tl_mdl.codec.hierarchical.encode?"
-        )
-    crc, header_len, n_words = _FIXED.unpack_from(data, len(MAGIC))
-    body = data[len(MAGIC) + 4 :]
-    expected = 16 + header_len + 4 * n_words
-    if len(body) != expected:
-        raise ValueError(
-            f"latent code is truncated or padded: {len(body)} body bytes, expected {expected}"
-        )
-    if zlib.crc32(body) != crc:
-        raise ValueError("latent code is corrupted (CRC32 mismatch)")
-    try:
-        raw = zlib.decompress(body[16 : 16 + header_len])
-    except zlib.error as e:
-        raise ValueError(f"latent code header is corrupted ({e})") from e
-    if len(raw) % 8:
-        raise ValueError("latent code header is corrupted (not a whole number of int64)")
-    header = np.frombuffer(raw, dtype="<i8")
+    header, payload, header_len = _unframe(data, MAGIC, "tl_mdl.codec.hierarchical.encode")
     if header.size < 2 or header[1] < 0 or header.size < 2 + header[1]:
         raise ValueError("latent code header is corrupted: too short")
     n, f = int(header[0]), int(header[1])
@@ -124,11 +93,7 @@ def _parse(data: bytes):
     model = np.concatenate([header[:2], header[2 + f :]])  # the flat codec's header layout
     if model.size < 2 + 2 * f:
         raise ValueError(f"latent code header is corrupted: N={n}, F={f} with {header.size} values")
-    # validate features with anything coded (never-active features carry no histogram;
-    # leaving them out keeps the flat validator's reduceat offsets in range)
-    keep = (model[2 : 2 + f] != 0) | (model[2 + f : 2 + 2 * f] != 0)
-    kept = [model[2 : 2 + f][keep], model[2 + f : 2 + 2 * f][keep], model[2 + 2 * f :]]
-    _validate_header(np.concatenate([[n, int(keep.sum())], *kept]))
+    _validate_header(model)
     try:
         pit, order = check_parent_index(torch.from_numpy(pi.copy()), f)
     except ValueError as e:
@@ -139,7 +104,6 @@ def _parse(data: bytes):
         raise ValueError(
             "latent code header is corrupted: a child is more often active than its parent"
         )
-    payload = np.frombuffer(body[16 + header_len :], dtype="<u4").astype(np.uint32)
     return n, f, pit, order, model, payload, header_len
 
 
