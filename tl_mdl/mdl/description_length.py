@@ -22,7 +22,7 @@ from tl_mdl.mdl.quantize import (
     _xlog2x,
     code_stats_from_counts,
     flatnonzero,
-    sparse_code_stats,
+    sparse_code_counts,
     total_variance,
     value_entropy,
 )
@@ -110,18 +110,23 @@ class DLReport:
 def encode_all(
     sae: SAE, activations: Float[Tensor, "n d_in"], *, batch_size: int | None = None
 ) -> Float[Tensor, "n d_sae"]:
-    """``sae.encode`` over all rows in chunks of ``batch_size`` rows (default: about 2^25
-    latents per chunk, at least 8192 rows), on the SAE's device; returns latents there."""
+    """``sae.encode`` over all rows in chunks of ``batch_size`` rows (default: about 2^26
+    latents per chunk, at least 8192 rows), on the SAE's device; returns latents there.
+    Chunks are written into one preallocated output (peak memory: the output plus one
+    chunk's temporaries)."""
     dev = sae.W_enc.device
     if batch_size is None:
-        batch_size = max(_CHUNK, (1 << 25) // max(sae.cfg.d_sae, 1))
-    if activations.shape[0] <= batch_size:
+        batch_size = max(_CHUNK, (1 << 26) // max(sae.cfg.d_sae, 1))
+    n = activations.shape[0]
+    if n <= batch_size:
         return sae.encode(activations.to(dev))
-    out = [
-        sae.encode(activations[i : i + batch_size].to(dev))
-        for i in range(0, activations.shape[0], batch_size)
-    ]
-    return torch.cat(out)
+    first = sae.encode(activations[:batch_size].to(dev))
+    out = first.new_empty((n, *first.shape[1:]))
+    out[:batch_size] = first
+    del first
+    for i in range(batch_size, n, batch_size):
+        out[i : i + batch_size] = sae.encode(activations[i : i + batch_size].to(dev))
+    return out
 
 
 #: A quantised code with at most this fraction of nonzero entries is decoded as a sparse
@@ -136,17 +141,22 @@ _CANDIDATE_MARGIN_STEPS = 1
 
 
 class _Candidates:
-    """Entries of an ``[n, f]`` latent matrix with ``|f| > tau``: flat index (row-major),
-    value, column, and per-row offsets (for ``embedding_bag``)."""
+    """Entries of an ``[n, f]`` latent matrix with ``|f| > tau``, row-major: row, column,
+    value, and per-row offsets (the CSR layout ``embedding_bag`` takes)."""
 
-    def __init__(self, tau: float, idx: Tensor, values: Tensor, n: int, f: int):
-        self.tau, self.idx, self.values = tau, idx, values
-        self.values64 = values.double()
+    def __init__(self, tau: float, latents: Tensor, nonneg: bool):
+        n, f = latents.shape
+        self.tau, self.n, self.f = tau, n, f
+        mask = (latents > tau) if nonneg else (latents.abs() > tau)
+        nz = torch.nonzero(mask)  # [m, 2] (row, column), row-major
+        self.rows = nz[:, 0]
+        cols = nz[:, 1]
+        self.values = latents[self.rows, cols]
+        self.values64 = self.values.double()
         itype = torch.int32 if n * f < 2**31 else torch.int64
-        rows = idx // f
-        self.cols = (idx - rows * f).to(itype)
-        self.offsets = torch.zeros(n, dtype=itype, device=idx.device)
-        self.offsets[1:] = torch.bincount(rows, minlength=n)[:-1].cumsum(0)
+        self.cols = cols.to(itype)
+        self.offsets = torch.zeros(n, dtype=itype, device=latents.device)
+        self.offsets[1:] = torch.bincount(self.rows, minlength=n)[:-1].cumsum(0)
         self._q: dict[float, Tensor] = {}
 
     def quantized(self, w: float) -> Tensor:
@@ -154,14 +164,36 @@ class _Candidates:
         if w not in self._q:
             if len(self._q) >= 2:
                 self._q.pop(next(iter(self._q)))
-            self._q[w] = torch.round(self.values64 / w)
+            self._q[w] = torch.div(self.values64, w).round_()
         return self._q[w]
+
+    def sse(self, W: Tensor, resid: Tensor, weights: Tensor) -> float:
+        """``Σ ‖resid − c W‖²`` for the code ``c`` equal to ``weights`` on the candidates
+        and 0 elsewhere: a weighted embedding bag over decoder rows (a sparse product)
+        when the candidates are sparse, else the dense GEMM."""
+        if self.rows.numel() > _SPARSE_DENSITY * self.n * self.f:
+            codes = torch.zeros(self.n, self.f, dtype=W.dtype, device=W.device)
+            codes[self.rows, self.cols.long()] = weights
+            return _sse_dense(codes, W, resid)
+        # row n of c W = Σ_{candidates i of row n} c[n, i] W[i]
+        recon = torch.nn.functional.embedding_bag(
+            self.cols, W, self.offsets, mode="sum", per_sample_weights=weights
+        )
+        return _sq_dist(recon, resid)
 
 
 def _sq_dist(a: Tensor, b: Tensor) -> float:
     """``Σ (a − b)²`` in one fused pass (cascade summation in the tensors' dtype; relative
     error ~1e-7 in float32, like the GEMM that produced them)."""
     return float(torch.nn.functional.mse_loss(a, b, reduction="sum"))
+
+
+def _sse_dense(codes: Tensor, W: Tensor, resid: Tensor) -> float:
+    """``Σ ‖resid − codes W‖²`` by the dense GEMM, in chunks of rows."""
+    return sum(
+        _sq_dist(codes[i : i + _CHUNK] @ W, resid[i : i + _CHUNK])
+        for i in range(0, codes.shape[0], _CHUNK)
+    )
 
 
 def _sample_rows(n: int, k: int, device) -> Tensor:
@@ -194,68 +226,34 @@ class _QuantizedFVU:
         self.nonneg = bool(lo >= 0)
         self.abs_max = max(-float(lo), float(hi))
         self._cand: _Candidates | None = None
-        exact_sign_sum = latents.dtype in (torch.float32, torch.float64)
-        if self.nonneg and exact_sign_sum and latents.numel() < 2**24:  # integer sums < 2^24
-            self.n_nonzero = int(torch.sign(latents).sum())
-        else:
-            self.n_nonzero = int(latents.bool().sum())
+        self.n_nonzero = int(torch.count_nonzero(latents != 0))
         if self.n_nonzero <= _SPARSE_DENSITY * latents.numel():
-            self._cand = self._extract(0.0)  # candidates = all nonzero latents
-            self.sse0 = self._sse_candidates(self._cand, self._cand.values.to(self.W.dtype))
+            self._cand = _Candidates(0.0, latents, self.nonneg)  # all nonzero latents
+            self.sse0 = self._cand.sse(self.W, self.resid, self._cand.values.to(self.W.dtype))
         else:
-            self.sse0 = self._sse_dense(latents)
+            self.sse0 = _sse_dense(latents, self.W, self.resid)
         self.fvu = self.sse0 / self.tv
         self._proxy_state: tuple[Tensor, Tensor, Tensor] | None = None
 
     # ----------------------------------------------------------------- exact
-    def _extract(self, tau: float) -> _Candidates:
-        lat = self.latents
-        mask = (lat > tau) if self.nonneg else (lat.abs() > tau)
-        idx = flatnonzero(mask)
-        return _Candidates(tau, idx, lat.reshape(-1)[idx], self.n, self.f)
-
     def _candidates(self, w: float) -> _Candidates:
         """Candidates covering every entry that is nonzero at width ``w``."""
         # |f| <= τ < w/2 (with margin for float32 τ and float64 division) ⇒ q = 0.
         if self._cand is None or self._cand.tau > 0.5 * w * (1 - 1e-6):
-            shrink = 2.0 ** (-_CANDIDATE_MARGIN_STEPS / STEPS_PER_OCTAVE)
-            tau = 0.5 * w * shrink * (1 - 1e-6)
-            self._cand = self._extract(float(torch.tensor(tau, dtype=self.latents.dtype)))
+            self._cand = _Candidates(_tau(w, self.latents.dtype), self.latents, self.nonneg)
         return self._cand
 
-    def code(self, w: float) -> tuple[Tensor, Tensor]:
-        """Flat indices (row-major) and int64 values of the nonzero entries of
-        ``q = round(latents.double() / w)``: the same code as ``quantize(latents, w)``."""
+    def code_stats(self, w: float) -> tuple[FeatureCode, int]:
+        """Per-feature statistics of ``q = round(latents.double() / w)`` (the code of
+        ``quantize(latents, w)``) and its number of distinct nonzero values."""
         cand = self._candidates(w)
-        q = cand.quantized(w)
-        keep = flatnonzero(q)
-        return cand.idx[keep], q[keep].to(torch.int64)
-
-    def _sse_candidates(self, cand: _Candidates, weights: Tensor) -> float:
-        """``Σ ‖(x − b_dec) − c W_dec‖²`` for the code ``c`` equal to ``weights`` on the
-        candidates and 0 elsewhere."""
-        if cand.idx.numel() > _SPARSE_DENSITY * self.n * self.f:
-            codes = torch.zeros(self.n * self.f, dtype=self.W.dtype, device=self.W.device)
-            codes[cand.idx] = weights
-            return self._sse_dense(codes.view(self.n, self.f))
-        # row n of c W_dec = Σ_{candidates i of row n} c[n, i] W_dec[i]
-        recon = torch.nn.functional.embedding_bag(
-            cand.cols, self.W, cand.offsets, mode="sum", per_sample_weights=weights
-        )
-        return _sq_dist(recon, self.resid)
-
-    @torch.no_grad()
-    def _sse_dense(self, codes: Tensor) -> float:
-        return sum(
-            _sq_dist(codes[i : i + _CHUNK] @ self.W, self.resid[i : i + _CHUNK])
-            for i in range(0, codes.shape[0], _CHUNK)
-        )
+        return sparse_code_counts(self.n, self.f, cand.cols, cand.quantized(w))
 
     def quantized_fvu(self, w: float) -> float:
         cand = self._candidates(w)
         # the decoder sees q · w, as float64 rounded to the decoder's dtype (like dequantize)
         weights = (cand.quantized(w) * w).to(self.W.dtype)
-        return self._sse_candidates(cand, weights) / self.tv
+        return cand.sse(self.W, self.resid, weights) / self.tv
 
     def __call__(self, w: float) -> float:
         return self.quantized_fvu(w) - self.fvu
@@ -320,35 +318,13 @@ class _KeyCounter:
         return self.keys, self.counts
 
 
-def _code_sse(W: Tensor, resid: Tensor, idx: Tensor, weights: Tensor, f: int) -> float:
-    """``Σ ‖resid − c W‖²`` for the ``[n, f]`` code ``c`` equal to ``weights`` at the flat
-    (row-major, ascending) indices ``idx`` and 0 elsewhere: sparse decode as a weighted
-    embedding bag when sparse, else the dense product."""
-    n = resid.shape[0]
-    if idx.numel() > _SPARSE_DENSITY * n * f:
-        codes = torch.zeros(n * f, dtype=W.dtype, device=W.device)
-        codes[idx] = weights
-        return _sq_dist(codes.view(n, f) @ W, resid)
-    itype = torch.int32 if n * f < 2**31 else torch.int64
-    rows = idx // f
-    cols = (idx - rows * f).to(itype)
-    offsets = torch.zeros(n, dtype=itype, device=idx.device)
-    offsets[1:] = torch.bincount(rows, minlength=n)[:-1].cumsum(0)
-    recon = torch.nn.functional.embedding_bag(
-        cols, W, offsets, mode="sum", per_sample_weights=weights
-    )
-    return _sq_dist(recon, resid)
-
-
-def _chunk_code(lat: Tensor, w: float) -> tuple[Tensor, Tensor]:
-    """Flat indices and float64 (integer-valued) values of the nonzero entries of
-    ``round(lat.double() / w)``, from candidates ``|lat| > τ`` with ``τ < w/2``."""
+def _tau(w: float, dtype: torch.dtype) -> float:
+    """Candidate threshold for width ``w``: ``τ < w/2`` with a margin of
+    ``_CANDIDATE_MARGIN_STEPS`` grid steps (so a slightly finer width needs no new
+    candidates) and room for ``τ`` rounded to ``dtype`` and float64 division: ``|f| <= τ``
+    ⇒ ``round(f / w) = 0``."""
     shrink = 2.0 ** (-_CANDIDATE_MARGIN_STEPS / STEPS_PER_OCTAVE)
-    tau = float(torch.tensor(0.5 * w * shrink * (1 - 1e-6), dtype=lat.dtype))
-    idx = flatnonzero(lat.abs() > tau)
-    q = torch.round(lat.reshape(-1)[idx].double() / w)
-    keep = flatnonzero(q)
-    return idx[keep], q[keep]
+    return float(torch.tensor(0.5 * w * shrink * (1 - 1e-6), dtype=dtype))
 
 
 class _StreamedQuantizedFVU:
@@ -366,9 +342,9 @@ class _StreamedQuantizedFVU:
         for lat, resid in self._chunks():
             a, b = (float(t) for t in torch.aminmax(lat))
             lo, hi = min(lo, a), max(hi, b)
-            idx = flatnonzero(lat)
-            nnz += idx.numel()
-            sse += _code_sse(self.W, resid, idx, lat.reshape(-1)[idx].to(self.W.dtype), self.f)
+            cand = _Candidates(0.0, lat, a >= 0)  # the nonzero latents
+            nnz += cand.rows.numel()
+            sse += cand.sse(self.W, resid, cand.values.to(self.W.dtype))
         self.nonneg = lo >= 0
         self.abs_max = max(-lo, hi)
         self.n_nonzero = nnz
@@ -384,11 +360,15 @@ class _StreamedQuantizedFVU:
             lat = self.sae.encode(xi)
             yield lat, xi.to(self.W.dtype) - b_dec
 
+    def _chunk_candidates(self, w: float):
+        tau = _tau(w, self.sae.W_enc.dtype)
+        for lat, resid in self._chunks():
+            yield _Candidates(tau, lat, self.nonneg), resid
+
     def quantized_fvu(self, w: float) -> float:
         sse = 0.0
-        for lat, resid in self._chunks():
-            idx, q = _chunk_code(lat, w)
-            sse += _code_sse(self.W, resid, idx, (q * w).to(self.W.dtype), self.f)
+        for cand, resid in self._chunk_candidates(w):
+            sse += cand.sse(self.W, resid, (cand.quantized(w) * w).to(self.W.dtype))
         return sse / self.tv
 
     def __call__(self, w: float) -> float:
@@ -407,10 +387,11 @@ class _StreamedQuantizedFVU:
         counts = torch.zeros(f, dtype=torch.int64, device=self.W.device)
         pairs = _KeyCounter(f * span, limit, self.W.device)
         values = _KeyCounter(span, limit, self.W.device)
-        for lat, _ in self._chunks():
-            idx, q = _chunk_code(lat, w)
-            cols = idx % f
-            v = q.to(torch.int64) - vmin
+        for cand, _ in self._chunk_candidates(w):
+            q = cand.quantized(w)
+            keep = flatnonzero(q)
+            cols = cand.cols[keep].to(torch.int64)
+            v = q[keep].to(torch.int64) - vmin
             counts += torch.bincount(cols, minlength=f)
             pairs.add(cols * span + v)
             values.add(v)
@@ -501,16 +482,6 @@ def _raw_cost(
     counts = torch.bincount(key.reshape(-1), minlength=span * d).view(d, span)
     per_col = _xlog2x(counts).sum(1)
     return float(((_xlog2x(torch.tensor(float(n))) - per_col) / n).sum()), w
-
-
-def _n_distinct(v: Tensor) -> int:
-    """Number of distinct values of an int64 vector (bincount when the range is small)."""
-    if v.numel() == 0:
-        return 0
-    lo, hi = (int(t) for t in torch.aminmax(v))
-    if hi - lo < max(1 << 20, 4 * v.numel()):
-        return int(torch.bincount(v - lo).count_nonzero())
-    return int(torch.unique(v).numel())
 
 
 def _finite_extremes(x: Tensor) -> float | None:
@@ -657,12 +628,7 @@ def description_length(
         tolerance = None  # type: ignore[assignment]
     w = res.bin_width
 
-    if isinstance(fq, _StreamedQuantizedFVU):
-        stats, n_levels = fq.code_stats(w)
-    else:
-        idx, nz = fq.code(w)  # the nonzero entries of quantize(latents, w)
-        stats = sparse_code_stats(fq.n, fq.f, idx % fq.f, nz)
-        n_levels = _n_distinct(nz)
+    stats, n_levels = fq.code_stats(w)
     bits_per_value = math.log2(n_levels) if n_levels > 1 else 0.0
     l0 = float(stats.active_counts.sum()) / stats.n_inputs
     fvu_quantized = fq.quantized_fvu(w) if loss_fn is not None else fq.fvu + res.loss_increase
