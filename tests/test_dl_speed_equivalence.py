@@ -165,3 +165,41 @@ def test_feature_code_stats_counting_paths(scale):
         h = -sum(k / c * math.log2(k / c) for k in Counter(vals).values()) if c else 0.0
         hb = 0.0 if p in (0.0, 1.0) else -p * math.log2(p) - (1 - p) * math.log2(1 - p)
         assert float(stats.bits[i]) == pytest.approx(hb + p * h, abs=1e-9)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("max_memory_mb", [None, 0.05])
+@pytest.mark.parametrize("tol", [0.01, 1e-4])  # sparse / dense candidate blocks
+def test_signed_latents_and_row_blocks_match_brute_force(monkeypatch, dtype, max_memory_mb, tol):
+    """Signed latents (a registered linear activation), many small row blocks with a mix of
+    dense and sparse blocks, in memory and chunked: same width, increase and code as the
+    brute force (and the SAE's float64 latents are not modified in place)."""
+    import importlib
+
+    from tl_mdl.sae.model import ACTIVATIONS, register_activation
+
+    dl = importlib.import_module("tl_mdl.mdl.description_length")
+
+    monkeypatch.setattr(dl, "_BLOCK_ELEMENTS", 64 * 37)  # 37 rows per block
+    if "test_linear" not in ACTIVATIONS:
+        register_activation("test_linear", lambda sae, pre: pre * (pre.abs() > 1.0))
+    sae = _sae("relu", seed=11, dtype=dtype)
+    sae.cfg.activation = "test_linear"
+    x = _acts(sae, 900, seed=6)
+    with torch.no_grad():
+        f = sae.encode(x)
+    assert float(f.min()) < 0 < float(f.max())
+    before = f.clone()
+    rep = description_length(sae, x, tolerance=tol, raw_cost=False, max_memory_mb=max_memory_mb)
+    w = rep.bin_width
+    inc = _brute_increase(sae, x, w)
+    assert inc <= tol + 1e-9
+    assert _brute_increase(sae, x, grid_width(grid_index(w) + 1)) > tol - 1e-9
+    assert rep.loss_quantized - rep.loss_unquantized == pytest.approx(inc, abs=1e-6)
+    q = quantize(f, w)
+    assert rep.bits_per_input == pytest.approx(latent_description_length(q), rel=1e-12)
+    assert rep.l0_unquantized == pytest.approx(float((f != 0).sum()) / len(x), abs=1e-12)
+    levels = int(torch.unique(q[q != 0]).numel())
+    assert rep.bits_per_value == pytest.approx(math.log2(levels))
+    with torch.no_grad():
+        assert torch.equal(sae.encode(x), before)

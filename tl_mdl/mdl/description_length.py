@@ -22,7 +22,6 @@ from tl_mdl.mdl.quantize import (
     _xlog2x,
     code_stats_from_counts,
     flatnonzero,
-    sparse_code_counts,
     total_variance,
     value_entropy,
 )
@@ -129,9 +128,12 @@ def encode_all(
     return out
 
 
-#: A quantised code with at most this fraction of nonzero entries is decoded as a sparse
-#: product (a weighted embedding bag over decoder rows); denser codes use the dense GEMM.
+#: A block of candidates with at most this fraction of nonzero entries is decoded as a
+#: sparse product (a weighted embedding bag over decoder rows); denser blocks use the GEMM.
 _SPARSE_DENSITY = 0.2
+#: latents per row block (8 MB in float32): every temporary of the exact evaluation is
+#: O(one block), so it is reused from the allocator's heap instead of fresh pages.
+_BLOCK_ELEMENTS = 1 << 21
 #: rows of the subsample on which the proxy loss is evaluated during bracketing.
 _PROXY_ROWS = 128
 #: elements of the activations sampled for the raw cost's proxy.
@@ -140,46 +142,8 @@ _PROXY_ELEMENTS = 1 << 15
 _CANDIDATE_MARGIN_STEPS = 1
 
 
-class _Candidates:
-    """Entries of an ``[n, f]`` latent matrix with ``|f| > tau``, row-major: row, column,
-    value, and per-row offsets (the CSR layout ``embedding_bag`` takes)."""
-
-    def __init__(self, tau: float, latents: Tensor, nonneg: bool):
-        n, f = latents.shape
-        self.tau, self.n, self.f = tau, n, f
-        mask = (latents > tau) if nonneg else (latents.abs() > tau)
-        nz = torch.nonzero(mask)  # [m, 2] (row, column), row-major
-        self.rows = nz[:, 0]
-        cols = nz[:, 1]
-        self.values = latents[self.rows, cols]
-        self.values64 = self.values.double()
-        itype = torch.int32 if n * f < 2**31 else torch.int64
-        self.cols = cols.to(itype)
-        self.offsets = torch.zeros(n, dtype=itype, device=latents.device)
-        self.offsets[1:] = torch.bincount(self.rows, minlength=n)[:-1].cumsum(0)
-        self._q: dict[float, Tensor] = {}
-
-    def quantized(self, w: float) -> Tensor:
-        """``round(values.double() / w)`` (float64, integer-valued; cached, do not modify)."""
-        if w not in self._q:
-            if len(self._q) >= 2:
-                self._q.pop(next(iter(self._q)))
-            self._q[w] = torch.div(self.values64, w).round_()
-        return self._q[w]
-
-    def sse(self, W: Tensor, resid: Tensor, weights: Tensor) -> float:
-        """``Σ ‖resid − c W‖²`` for the code ``c`` equal to ``weights`` on the candidates
-        and 0 elsewhere: a weighted embedding bag over decoder rows (a sparse product)
-        when the candidates are sparse, else the dense GEMM."""
-        if self.rows.numel() > _SPARSE_DENSITY * self.n * self.f:
-            codes = torch.zeros(self.n, self.f, dtype=W.dtype, device=W.device)
-            codes[self.rows, self.cols.long()] = weights
-            return _sse_dense(codes, W, resid)
-        # row n of c W = Σ_{candidates i of row n} c[n, i] W[i]
-        recon = torch.nn.functional.embedding_bag(
-            self.cols, W, self.offsets, mode="sum", per_sample_weights=weights
-        )
-        return _sq_dist(recon, resid)
+def _block_rows(f: int) -> int:
+    return max(1, _BLOCK_ELEMENTS // max(f, 1))
 
 
 def _sq_dist(a: Tensor, b: Tensor) -> float:
@@ -188,102 +152,75 @@ def _sq_dist(a: Tensor, b: Tensor) -> float:
     return float(torch.nn.functional.mse_loss(a, b, reduction="sum"))
 
 
-def _sse_dense(codes: Tensor, W: Tensor, resid: Tensor) -> float:
-    """``Σ ‖resid − codes W‖²`` by the dense GEMM, in chunks of rows."""
-    return sum(
-        _sq_dist(codes[i : i + _CHUNK] @ W, resid[i : i + _CHUNK])
-        for i in range(0, codes.shape[0], _CHUNK)
-    )
+def _sse_dense(latents: Tensor, W: Tensor, resid: Tensor) -> float:
+    """``Σ ‖resid − latents W‖²`` by the dense GEMM, one row block at a time."""
+    rows = _block_rows(latents.shape[1])
+    pairs = zip(latents.split(rows), resid.split(rows), strict=True)
+    return sum(_sq_dist(lat.to(W.dtype) @ W, r) for lat, r in pairs)
 
 
-def _sample_rows(n: int, k: int, device) -> Tensor:
-    """``min(n, k)`` distinct rows, reproducibly (seeded), sorted."""
-    if n <= k:
-        return torch.arange(n, device=device)
-    gen = torch.Generator().manual_seed(0)
-    return torch.randperm(n, generator=gen)[:k].sort().values.to(device)
+def _tau(w: float, dtype: torch.dtype) -> float:
+    """Candidate threshold for width ``w``: ``τ < w/2`` with a margin of
+    ``_CANDIDATE_MARGIN_STEPS`` grid steps (so a slightly finer width needs no new
+    candidates) and room for ``τ`` rounded to ``dtype`` and float64 division: ``|f| <= τ``
+    ⇒ ``round(f / w) = 0``."""
+    shrink = 2.0 ** (-_CANDIDATE_MARGIN_STEPS / STEPS_PER_OCTAVE)
+    return float(torch.tensor(0.5 * w * shrink * (1 - 1e-6), dtype=dtype))
 
 
-class _QuantizedFVU:
-    """``w -> FVU(x, decode(round(f/w)·w)) − FVU(x, decode(f))`` with latents ``f``
-    encoded once.
+def _quantized(values: Tensor, w: float) -> Tensor:
+    """``round(values.double() / w)``: :func:`~tl_mdl.mdl.quantize.quantize`'s code, as
+    integer-valued float64."""
+    return values.to(torch.float64, copy=True).div_(w).round_()
 
-    Each call evaluates that exactly on all inputs. The code ``q = round(f.double() / w)``
-    (:func:`~tl_mdl.mdl.quantize.quantize`'s semantics) is computed only over *candidates*,
-    the entries with ``|f| > τ`` for some ``τ < w/2`` (every other entry quantises to 0),
-    and ``q · w`` is decoded as a weighted embedding bag over decoder rows (a sparse
-    product; entries that round to 0 weigh 0) when the candidates are sparse, else by the
-    dense GEMM. :meth:`proxy` is a cheap estimate on a row subsample, used only to bracket
-    the search."""
 
-    def __init__(self, sae: SAE, x: Tensor, latents: Tensor, tv: float | None = None):
-        self.sae, self.latents = sae, latents
-        self.n, self.f = latents.shape
-        self.W = sae.W_dec.detach()
-        self.resid = x.to(latents.device, self.W.dtype) - sae.b_dec.detach()  # x − b_dec
-        self.tv = total_variance(x) if tv is None else tv
-        lo, hi = torch.aminmax(latents)
-        self.nonneg = bool(lo >= 0)
-        self.abs_max = max(-float(lo), float(hi))
-        self._cand: _Candidates | None = None
-        self.n_nonzero = int(torch.count_nonzero(latents != 0))
-        if self.n_nonzero <= _SPARSE_DENSITY * latents.numel():
-            self._cand = _Candidates(0.0, latents, self.nonneg)  # all nonzero latents
-            self.sse0 = self._cand.sse(self.W, self.resid, self._cand.values.to(self.W.dtype))
-        else:
-            self.sse0 = _sse_dense(latents, self.W, self.resid)
-        self.fvu = self.sse0 / self.tv
-        self._proxy_state: tuple[Tensor, Tensor, Tensor] | None = None
+class _Candidates:
+    """The entries of an ``[n, f]`` latent matrix with ``|f| > tau`` (every other entry
+    quantises to 0 at the widths this serves), in CSR blocks of rows: per block the
+    columns, the values and the per-row offsets that ``embedding_bag`` takes."""
 
-    # ----------------------------------------------------------------- exact
-    def _candidates(self, w: float) -> _Candidates:
-        """Candidates covering every entry that is nonzero at width ``w``."""
-        # |f| <= τ < w/2 (with margin for float32 τ and float64 division) ⇒ q = 0.
-        if self._cand is None or self._cand.tau > 0.5 * w * (1 - 1e-6):
-            self._cand = _Candidates(_tau(w, self.latents.dtype), self.latents, self.nonneg)
-        return self._cand
+    def __init__(self, tau: float, latents: Tensor, nonneg: bool):
+        n, self.f = latents.shape
+        self.tau, self.count = tau, 0
+        itype = torch.int32 if n * self.f < 2**31 else torch.int64
+        self.blocks: list[tuple[int, int, Tensor, Tensor, Tensor]] = []
+        rows = _block_rows(self.f)
+        for r0 in range(0, n, rows):
+            lat = latents[r0 : r0 + rows]
+            nz = torch.nonzero((lat > tau) if nonneg else (lat.abs() > tau))  # row-major
+            r, c = nz[:, 0], nz[:, 1]
+            offsets = torch.zeros(lat.shape[0], dtype=itype, device=lat.device)
+            offsets[1:] = torch.bincount(r, minlength=lat.shape[0])[:-1].cumsum(0)
+            self.blocks.append((r0, r0 + lat.shape[0], c.to(itype), lat[r, c], offsets))
+            self.count += c.numel()
 
-    def code_stats(self, w: float) -> tuple[FeatureCode, int]:
-        """Per-feature statistics of ``q = round(latents.double() / w)`` (the code of
-        ``quantize(latents, w)``) and its number of distinct nonzero values."""
-        cand = self._candidates(w)
-        return sparse_code_counts(self.n, self.f, cand.cols, cand.quantized(w))
+    def sse(self, W: Tensor, resid: Tensor, w: float | None) -> float:
+        """``Σ ‖resid − c W‖²`` for the code ``c`` equal to ``round(f / w) · w`` on the
+        candidates (``f`` itself when ``w`` is None) and 0 elsewhere. The decoder sees
+        ``q · w`` as float64 rounded to its dtype, like ``dequantize``."""
+        total = 0.0
+        for r0, r1, cols, values, offsets in self.blocks:
+            weights = values if w is None else _quantized(values, w).mul_(w)
+            weights = weights.to(W.dtype)
+            if cols.numel() > _SPARSE_DENSITY * (r1 - r0) * self.f:
+                codes = torch.zeros(r1 - r0, self.f, dtype=W.dtype, device=W.device)
+                counts = torch.diff(offsets.long(), append=offsets.new_tensor([cols.numel()]))
+                rows = torch.repeat_interleave(torch.arange(r1 - r0, device=W.device), counts)
+                codes[rows, cols.long()] = weights
+                recon = codes @ W
+            else:  # row n of c W = Σ_{candidates i of row n} c[n, i] W[i]
+                recon = torch.nn.functional.embedding_bag(
+                    cols, W, offsets, mode="sum", per_sample_weights=weights
+                )
+            total += _sq_dist(recon, resid[r0:r1])
+        return total
 
-    def quantized_fvu(self, w: float) -> float:
-        cand = self._candidates(w)
-        # the decoder sees q · w, as float64 rounded to the decoder's dtype (like dequantize)
-        weights = (cand.quantized(w) * w).to(self.W.dtype)
-        return cand.sse(self.W, self.resid, weights) / self.tv
-
-    def __call__(self, w: float) -> float:
-        return self.quantized_fvu(w) - self.fvu
-
-    # ----------------------------------------------------------------- proxy
-    def _proxy(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Subsampled latents ``f_S``, ``2 r_S W_decᵀ`` and ``‖W_dec[i]‖²`` (built once)."""
-        if self._proxy_state is None:
-            rows = _sample_rows(self.n, _PROXY_ROWS, self.latents.device)
-            fs = self.latents[rows]
-            r = self.resid[rows] - fs @ self.W
-            self._proxy_state = (fs, 2 * (r @ self.W.T), self.W.pow(2).sum(1))
-        return self._proxy_state
-
-    def proxy(self, w: float) -> float:
-        """Estimate of ``self(w)`` from a row subsample, without the decoder's off-diagonal
-        terms: ``N/S · Σ_{n∈S,i} (δ²‖W_dec[i]‖² − 2 δ ⟨r_n, W_dec[i]⟩) / TV`` with
-        ``δ = round(f/w)·w − f`` and ``r`` the unquantised residual. O(S·F) per call."""
-        fs, rw2, g = self._proxy()
-        delta = torch.round(fs * (1 / w)).mul_(w).sub_(fs)
-        val = float(((delta * g).sub_(rw2).mul_(delta)).sum(-1).double().sum())
-        return val * self.n / fs.shape[0] / self.tv
-
-    def guess(self, tolerance: float) -> float:
-        """Width where uniform rounding noise (variance w²/12 per active latent) would
-        use up the tolerance: ``w² / 12 · Σ_{n,a active} ‖W_dec[a]‖² = tol · TV``."""
-        fs, _, g = self._proxy()
-        active = (fs != 0).sum(0).double() * (self.n / fs.shape[0])
-        energy = float((active * g.double()).sum())
-        return math.sqrt(12 * tolerance * self.tv / energy) if energy > 0 else 1.0
+    def count_pairs(self, w: float, pairs: _KeyCounter, span: int, vmin: int) -> None:
+        """Add the (feature, value) keys ``feature · span + q − vmin`` of
+        ``q = round(f / w)`` over the candidates to ``pairs`` (zeros included)."""
+        for _, _, cols, values, _ in self.blocks:
+            q = _quantized(values, w).to(torch.int64)
+            pairs.add(cols.to(torch.int64).mul_(span).add_(q).sub_(vmin))
 
 
 class _KeyCounter:
@@ -318,16 +255,117 @@ class _KeyCounter:
         return self.keys, self.counts
 
 
-def _tau(w: float, dtype: torch.dtype) -> float:
-    """Candidate threshold for width ``w``: ``τ < w/2`` with a margin of
-    ``_CANDIDATE_MARGIN_STEPS`` grid steps (so a slightly finer width needs no new
-    candidates) and room for ``τ`` rounded to ``dtype`` and float64 division: ``|f| <= τ``
-    ⇒ ``round(f / w) = 0``."""
-    shrink = 2.0 ** (-_CANDIDATE_MARGIN_STEPS / STEPS_PER_OCTAVE)
-    return float(torch.tensor(0.5 * w * shrink * (1 - 1e-6), dtype=dtype))
+def _sample_rows(n: int, k: int, device) -> Tensor:
+    """``min(n, k)`` distinct rows, reproducibly (seeded), sorted."""
+    if n <= k:
+        return torch.arange(n, device=device)
+    gen = torch.Generator().manual_seed(0)
+    return torch.randperm(n, generator=gen)[:k].sort().values.to(device)
 
 
-class _StreamedQuantizedFVU:
+class _QuantizedFVU:
+    """``w -> FVU(x, decode(round(f/w)·w)) − FVU(x, decode(f))`` with latents ``f``
+    encoded once.
+
+    Each call evaluates that exactly on all inputs. The code ``q = round(f.double() / w)``
+    (:func:`~tl_mdl.mdl.quantize.quantize`'s semantics) is computed only over *candidates*,
+    the entries with ``|f| > τ`` for some ``τ < w/2`` (every other entry quantises to 0),
+    and ``q · w`` is decoded as a weighted embedding bag over decoder rows (a sparse
+    product; entries that round to 0 weigh 0) when the candidates are sparse, else by the
+    dense GEMM, one row block at a time. :meth:`proxy` is a cheap estimate on a row
+    subsample, used only to bracket the search."""
+
+    def __init__(self, sae: SAE, x: Tensor, latents: Tensor, tv: float | None = None):
+        self.sae, self.latents = sae, latents
+        self.n, self.f = latents.shape
+        self.W = sae.W_dec.detach()
+        self.resid = x.to(latents.device, self.W.dtype) - sae.b_dec.detach()  # x − b_dec
+        self.tv = total_variance(x) if tv is None else tv
+        lo, hi = torch.aminmax(latents)
+        self.nonneg = bool(lo >= 0)
+        self.abs_max = max(-float(lo), float(hi))
+        self._cand: _Candidates | None = None
+        self.n_nonzero = sum(  # per row block: small temporaries
+            int(torch.count_nonzero(b != 0)) for b in latents.split(_block_rows(self.f))
+        )
+        if self.n_nonzero <= _SPARSE_DENSITY * latents.numel():
+            self._cand = _Candidates(0.0, latents, self.nonneg)  # all nonzero latents
+            self.sse0 = self._cand.sse(self.W, self.resid, None)
+        else:
+            self.sse0 = _sse_dense(latents, self.W, self.resid)
+        self.fvu = self.sse0 / self.tv
+        self._proxy_state: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def _candidates(self, w: float) -> _Candidates:
+        """Candidates covering every entry that is nonzero at width ``w``."""
+        # |f| <= τ < w/2 (with margin for float32 τ and float64 division) ⇒ q = 0.
+        if self._cand is None or self._cand.tau > 0.5 * w * (1 - 1e-6):
+            self._cand = _Candidates(_tau(w, self.latents.dtype), self.latents, self.nonneg)
+        return self._cand
+
+    def _candidate_chunks(self, w: float):
+        yield self._candidates(w), self.resid
+
+    def quantized_fvu(self, w: float) -> float:
+        sse = sum(cand.sse(self.W, resid, w) for cand, resid in self._candidate_chunks(w))
+        return sse / self.tv
+
+    def __call__(self, w: float) -> float:
+        return self.quantized_fvu(w) - self.fvu
+
+    def code_stats(self, w: float) -> tuple[FeatureCode, int]:
+        """Per-feature statistics of ``q = round(latents.double() / w)`` (the code of
+        ``quantize(latents, w)``) and its number of distinct nonzero values, counted over
+        (feature, value) pairs of the candidates, chunk by chunk."""
+        f = self.f
+        vmax = math.ceil(self.abs_max / w) + 1  # |q| <= vmax
+        vmin = 0 if self.nonneg else -vmax
+        span = vmax - vmin + 1
+        if span > (2**62) // f:
+            raise ValueError(f"bin_width={w:g} is too fine: its code's value range overflows")
+        pairs = _KeyCounter(f * span, max(1 << 22, 4 * _BLOCK_ELEMENTS), self.W.device)
+        for cand, _ in self._candidate_chunks(w):
+            cand.count_pairs(w, pairs, span, vmin)
+        keys, pc = pairs.items()
+        feature, value = keys // span, keys % span
+        active = value != -vmin  # drop the (feature, 0) pairs: inactive entries
+        feature, value, pc = feature[active], value[active], pc[active]
+        counts = torch.zeros(f, dtype=torch.int64, device=keys.device)
+        counts.index_add_(0, feature, pc)
+        per_pair = torch.zeros(f, dtype=torch.float64, device=keys.device)
+        per_pair.index_add_(0, feature, _xlog2x(pc))
+        n_values = int(torch.bincount(value, minlength=span).count_nonzero())
+        return code_stats_from_counts(self.n, counts.cpu(), per_pair.cpu()), n_values
+
+    # ----------------------------------------------------------------- proxy
+    def _proxy(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Subsampled latents ``f_S``, ``2 r_S W_decᵀ`` and ``‖W_dec[i]‖²`` (built once)."""
+        if self._proxy_state is None:
+            rows = _sample_rows(self.n, _PROXY_ROWS, self.latents.device)
+            fs = self.latents[rows]
+            r = self.resid[rows] - fs @ self.W
+            self._proxy_state = (fs, 2 * (r @ self.W.T), self.W.pow(2).sum(1))
+        return self._proxy_state
+
+    def proxy(self, w: float) -> float:
+        """Estimate of ``self(w)`` from a row subsample, without the decoder's off-diagonal
+        terms: ``N/S · Σ_{n∈S,i} (δ²‖W_dec[i]‖² − 2 δ ⟨r_n, W_dec[i]⟩) / TV`` with
+        ``δ = round(f/w)·w − f`` and ``r`` the unquantised residual. O(S·F) per call."""
+        fs, rw2, g = self._proxy()
+        delta = torch.round(fs * (1 / w)).mul_(w).sub_(fs)
+        val = float(((delta * g).sub_(rw2).mul_(delta)).sum(-1).double().sum())
+        return val * self.n / fs.shape[0] / self.tv
+
+    def guess(self, tolerance: float) -> float:
+        """Width where uniform rounding noise (variance w²/12 per active latent) would
+        use up the tolerance: ``w² / 12 · Σ_{n,a active} ‖W_dec[a]‖² = tol · TV``."""
+        fs, _, g = self._proxy()
+        active = (fs != 0).sum(0).double() * (self.n / fs.shape[0])
+        energy = float((active * g.double()).sum())
+        return math.sqrt(12 * tolerance * self.tv / energy) if energy > 0 else 1.0
+
+
+class _StreamedQuantizedFVU(_QuantizedFVU):
     """:class:`_QuantizedFVU` over inputs in chunks of ``rows`` rows, never holding more
     than one chunk of latents: every exact evaluation re-encodes the inputs chunk by chunk
     (time up, memory O(rows · d_sae)). The proxy uses the same row subsample, encoded on
@@ -343,8 +381,8 @@ class _StreamedQuantizedFVU:
             a, b = (float(t) for t in torch.aminmax(lat))
             lo, hi = min(lo, a), max(hi, b)
             cand = _Candidates(0.0, lat, a >= 0)  # the nonzero latents
-            nnz += cand.rows.numel()
-            sse += cand.sse(self.W, resid, cand.values.to(self.W.dtype))
+            nnz += cand.count
+            sse += cand.sse(self.W, resid, None)
         self.nonneg = lo >= 0
         self.abs_max = max(-lo, hi)
         self.n_nonzero = nnz
@@ -360,45 +398,10 @@ class _StreamedQuantizedFVU:
             lat = self.sae.encode(xi)
             yield lat, xi.to(self.W.dtype) - b_dec
 
-    def _chunk_candidates(self, w: float):
+    def _candidate_chunks(self, w: float):
         tau = _tau(w, self.sae.W_enc.dtype)
         for lat, resid in self._chunks():
             yield _Candidates(tau, lat, self.nonneg), resid
-
-    def quantized_fvu(self, w: float) -> float:
-        sse = 0.0
-        for cand, resid in self._chunk_candidates(w):
-            sse += cand.sse(self.W, resid, (cand.quantized(w) * w).to(self.W.dtype))
-        return sse / self.tv
-
-    def __call__(self, w: float) -> float:
-        return self.quantized_fvu(w) - self.fvu
-
-    def code_stats(self, w: float) -> tuple[FeatureCode, int]:
-        """Per-feature code statistics of ``round(latents / w)`` and the number of distinct
-        nonzero values, accumulated over chunks."""
-        f = self.f
-        vmax = math.ceil(self.abs_max / w) + 1  # |q| <= vmax
-        vmin = 1 if self.nonneg else -vmax
-        span = vmax - vmin + 1
-        if span > (2**62) // f:
-            raise ValueError(f"bin_width={w:g} is too fine for the chunked path's value range")
-        limit = max(1 << 22, 4 * self.rows * f)
-        counts = torch.zeros(f, dtype=torch.int64, device=self.W.device)
-        pairs = _KeyCounter(f * span, limit, self.W.device)
-        values = _KeyCounter(span, limit, self.W.device)
-        for cand, _ in self._chunk_candidates(w):
-            q = cand.quantized(w)
-            keep = flatnonzero(q)
-            cols = cand.cols[keep].to(torch.int64)
-            v = q[keep].to(torch.int64) - vmin
-            counts += torch.bincount(cols, minlength=f)
-            pairs.add(cols * span + v)
-            values.add(v)
-        keys, pc = pairs.items()
-        per_pair = torch.zeros(f, dtype=torch.float64, device=keys.device)
-        per_pair.index_add_(0, keys // span, _xlog2x(pc))
-        return code_stats_from_counts(self.n, counts, per_pair), values.items()[0].numel()
 
     def _proxy(self) -> tuple[Tensor, Tensor, Tensor]:
         if self._proxy_state is None:
@@ -409,9 +412,6 @@ class _StreamedQuantizedFVU:
             r = (xs.to(self.W.dtype) - self.sae.b_dec.detach()) - fs @ self.W
             self._proxy_state = (fs, 2 * (r @ self.W.T), self.W.pow(2).sum(1))
         return self._proxy_state
-
-    proxy = _QuantizedFVU.proxy
-    guess = _QuantizedFVU.guess
 
 
 def _raw_cost(

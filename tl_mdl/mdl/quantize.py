@@ -63,15 +63,15 @@ def sum_sq(t: Tensor) -> float:
 
 
 def total_variance(x: Float[Tensor, "n d"]) -> float:
-    """``Σ_n ‖x_n − x̄‖²`` (the mean in float64; the sum of squares in one fused pass with
-    cascade summation in float32 or wider: relative error ~1e-7). Raises when it is 0
-    (FVU undefined)."""
+    """``Σ_n ‖x_n − x̄‖²``, in two fused passes with cascade summation in float32 or wider
+    (relative error ~1e-7; an error ``ε`` in ``x̄`` adds only ``N ε²``). Raises when it is
+    0 (FVU undefined)."""
     x = x.reshape(-1, x.shape[-1])
     if x.shape[0] == 0:
         raise ValueError("no inputs: activations have N = 0 rows")
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
-    mean = (x.sum(0, dtype=torch.float64) / x.shape[0]).to(x.dtype)
+    mean = x.sum(0) / x.shape[0]
     tv = float(torch.nn.functional.mse_loss(x, mean.expand_as(x), reduction="sum"))
     if tv <= 0:
         raise ValueError("activations have zero variance (all inputs identical); FVU is undefined")
@@ -151,50 +151,26 @@ def _pair_entropy_terms(keys: Int[Tensor, " m"], n_groups: int, n_keys: int) -> 
 def sparse_code_stats(
     n: int, f: int, cols: Int[Tensor, " m"], values: Int[Tensor, " m"]
 ) -> FeatureCode:
-    """:func:`feature_code_stats` of the ``[n, f]`` code whose entries are ``values``
-    (integer-valued) in columns ``cols``; every other entry is 0, and listed entries whose
-    value is 0 count as inactive too. Counting is a ``bincount`` over (feature, value) keys
-    (no sort) when the key range is small."""
-    return sparse_code_counts(n, f, cols, values)[0]
-
-
-def sparse_code_counts(
-    n: int, f: int, cols: Int[Tensor, " m"], values: Tensor
-) -> tuple[FeatureCode, int]:
-    """:func:`sparse_code_stats` and the number of distinct nonzero values in the code
-    (over all features), from one count of (feature, value) pairs. ``values`` may be any
-    integer-valued tensor (e.g. float64 ``round(f / w)``); zeros are ignored."""
+    """:func:`feature_code_stats` of the ``[n, f]`` code whose nonzero entries are
+    ``values`` (int64, all ``!= 0``) in columns ``cols``; every other entry is 0. Counting
+    is a ``bincount`` over (feature, value) keys (no sort) when the key range is small."""
     if n <= 0:
         raise ValueError("q has N = 0 inputs; the description length per input is undefined")
-    if cols.numel():
-        lo, hi = (int(v) for v in torch.aminmax(values))
-    if cols.numel() == 0 or (lo == 0 and hi == 0):
-        z = torch.zeros(f, dtype=torch.int64, device=values.device)
-        return code_stats_from_counts(n, z, torch.zeros(f, dtype=torch.float64)), 0
-    span = hi - lo + 1
-    if f * span <= max(1 << 22, 4 * cols.numel()):
-        # dense (feature, value) histogram; the value-0 column is dropped
-        keys = cols.to(torch.int64).mul_(span).add_(values.to(torch.int64)).sub_(lo)
-        pairs = torch.bincount(keys, minlength=f * span).view(f, span)
-        if lo <= 0 <= hi:
-            pairs[:, -lo] = 0
-        counts = pairs.sum(1)
-        per_feature_pair = _xlog2x(pairs).sum(1)
-        n_values = int(pairs.sum(0).count_nonzero())
-        return code_stats_from_counts(n, counts, per_feature_pair), n_values
-    keep = flatnonzero(values)  # wide value range: drop zeros, count what is left
-    cols, values = cols[keep].to(torch.int64), values[keep].to(torch.int64)
+    cols = cols.to(torch.int64)
+    values = values.to(torch.int64)
     counts = torch.bincount(cols, minlength=f)
-    n_values = int(torch.unique(values).numel())
-    if span <= (2**62) // f:  # count (feature, value) pairs through one int64 key
-        per_feature_pair = _pair_entropy_terms(cols * span + (values - lo), f, f * span)
-    else:  # astronomically wide value range: unique over (feature, value) rows
-        per_feature_pair = torch.zeros(f, dtype=torch.float64)
-        uniq, pair_counts = torch.unique(
-            torch.stack([cols, values], 1), dim=0, return_counts=True
-        )
-        per_feature_pair.index_add_(0, uniq[:, 0], _xlog2x(pair_counts))
-    return code_stats_from_counts(n, counts, per_feature_pair), n_values
+    per_feature_pair = torch.zeros(f, dtype=torch.float64)  # Σ_v c_iv log2 c_iv
+    if cols.numel():
+        vmin = int(values.min())
+        span = int(values.max()) - vmin + 1
+        if span <= (2**62) // f:  # count (feature, value) pairs through one int64 key
+            per_feature_pair = _pair_entropy_terms(cols * span + (values - vmin), f, f * span)
+        else:  # astronomically wide value range: unique over (feature, value) rows
+            uniq, pair_counts = torch.unique(
+                torch.stack([cols, values], 1), dim=0, return_counts=True
+            )
+            per_feature_pair.index_add_(0, uniq[:, 0], _xlog2x(pair_counts))
+    return code_stats_from_counts(n, counts, per_feature_pair)
 
 
 def code_stats_from_counts(n: int, counts: Tensor, per_feature_pair: Tensor) -> FeatureCode:
