@@ -203,3 +203,20 @@ def test_signed_latents_and_row_blocks_match_brute_force(monkeypatch, dtype, max
     assert rep.bits_per_value == pytest.approx(math.log2(levels))
     with torch.no_grad():
         assert torch.equal(sae.encode(x), before)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("max_memory_mb", [None, 0.05])
+def test_inputs_are_not_modified(dtype, max_memory_mb):
+    """Neither the activations nor the SAE change (float64 tensors convert to float64
+    without a copy, so every in-place temporary must be a copy)."""
+    from tl_mdl.mdl import total_variance
+
+    sae = _sae("relu", seed=2, dtype=dtype)
+    x = _acts(sae, 500, seed=3)
+    x0 = x.clone()
+    state = {k: v.clone() for k, v in sae.state_dict().items()}
+    total_variance(x)
+    description_length(sae, x, tolerance=0.01, max_memory_mb=max_memory_mb)
+    assert torch.equal(x, x0)
+    assert all(torch.equal(v, state[k]) for k, v in sae.state_dict().items())

@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -174,25 +176,57 @@ def _quantized(values: Tensor, w: float) -> Tensor:
     return values.to(torch.float64, copy=True).div_(w).round_()
 
 
+def _extract_block(lat: Tensor, tau: float, nonneg: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Columns (int32), values and per-row offsets (int32) of the entries ``|lat| > tau``
+    of one ``[rows, f]`` block, row-major. On CPU this is NumPy (single-threaded and
+    faster than ``torch.nonzero``; :func:`_map_blocks` runs blocks side by side)."""
+    rows, f = lat.shape
+    if lat.device.type == "cpu" and lat.dtype in (torch.float32, torch.float64):
+        a = lat.detach().numpy()
+        idx = np.flatnonzero((a > tau) if nonneg else (np.abs(a) > tau))
+        r, c = np.divmod(idx, f)
+        offsets = np.zeros(rows, dtype=np.int32)
+        np.cumsum(np.bincount(r, minlength=rows)[:-1], out=offsets[1:])
+        values = torch.from_numpy(a.reshape(-1)[idx])
+        return torch.from_numpy(c.astype(np.int32)), values, torch.from_numpy(offsets)
+    nz = torch.nonzero((lat > tau) if nonneg else (lat.abs() > tau))
+    r, c = nz[:, 0], nz[:, 1]
+    offsets = torch.zeros(rows, dtype=torch.int32, device=lat.device)
+    offsets[1:] = torch.bincount(r, minlength=rows)[:-1].cumsum(0)
+    return c.to(torch.int32), lat[r, c], offsets
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _map_blocks(fn, blocks: list[Tensor]) -> list:
+    """``[fn(b) for b in blocks]``, on CPU with one worker thread per torch thread (for
+    NumPy work, which releases the GIL and uses one core per call)."""
+    global _POOL
+    workers = torch.get_num_threads()
+    if workers < 2 or len(blocks) < 2 or blocks[0].device.type != "cpu":
+        return [fn(b) for b in blocks]
+    if _POOL is None or _POOL._max_workers != workers:
+        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="tl_mdl")
+    return list(_POOL.map(fn, blocks))
+
+
 class _Candidates:
     """The entries of an ``[n, f]`` latent matrix with ``|f| > tau`` (every other entry
     quantises to 0 at the widths this serves), in CSR blocks of rows: per block the
     columns, the values and the per-row offsets that ``embedding_bag`` takes."""
 
     def __init__(self, tau: float, latents: Tensor, nonneg: bool):
-        n, self.f = latents.shape
-        self.tau, self.count = tau, 0
-        itype = torch.int32 if n * self.f < 2**31 else torch.int64
-        self.blocks: list[tuple[int, int, Tensor, Tensor, Tensor]] = []
+        self.f = latents.shape[1]
+        self.tau = tau
         rows = _block_rows(self.f)
-        for r0 in range(0, n, rows):
-            lat = latents[r0 : r0 + rows]
-            nz = torch.nonzero((lat > tau) if nonneg else (lat.abs() > tau))  # row-major
-            r, c = nz[:, 0], nz[:, 1]
-            offsets = torch.zeros(lat.shape[0], dtype=itype, device=lat.device)
-            offsets[1:] = torch.bincount(r, minlength=lat.shape[0])[:-1].cumsum(0)
-            self.blocks.append((r0, r0 + lat.shape[0], c.to(itype), lat[r, c], offsets))
-            self.count += c.numel()
+        blocks = latents.split(rows)
+        parts = _map_blocks(lambda b: _extract_block(b, tau, nonneg), blocks)
+        self.blocks: list[tuple[int, int, Tensor, Tensor, Tensor]] = [
+            (i * rows, i * rows + b.shape[0], *part)
+            for i, (b, part) in enumerate(zip(blocks, parts, strict=True))
+        ]
+        self.count = sum(part[0].numel() for part in parts)
 
     def sse(self, W: Tensor, resid: Tensor, w: float | None) -> float:
         """``Σ ‖resid − c W‖²`` for the code ``c`` equal to ``round(f / w) · w`` on the
@@ -220,7 +254,7 @@ class _Candidates:
         ``q = round(f / w)`` over the candidates to ``pairs`` (zeros included)."""
         for _, _, cols, values, _ in self.blocks:
             q = _quantized(values, w).to(torch.int64)
-            pairs.add(cols.to(torch.int64).mul_(span).add_(q).sub_(vmin))
+            pairs.add(cols.to(torch.int64, copy=True).mul_(span).add_(q).sub_(vmin))
 
 
 class _KeyCounter:
@@ -535,19 +569,6 @@ def _chunk_rows(max_memory_mb: float | None, n: int, d_sae: int) -> int | None:
     return max(1, int(budget / (64 * d_sae)))
 
 
-def _total_variance_chunked(x: Tensor, rows: int) -> float:
-    """:func:`total_variance` with float64 temporaries of one chunk of rows at a time."""
-    n = x.shape[0]
-    mean = sum(c.to(torch.float64).sum(0) for c in x.split(rows)) / n
-    tv = 0.0
-    for c in x.split(rows):
-        r = (c.to(torch.float64) - mean).reshape(-1)
-        tv += float(torch.dot(r, r))
-    if tv <= 0:
-        raise ValueError("activations have zero variance (all inputs identical); FVU is undefined")
-    return tv
-
-
 @torch.no_grad()
 def description_length(
     sae: SAE,
@@ -588,7 +609,7 @@ def description_length(
         )
     x, x_abs_max = _validated_activations(activations, sae.cfg.d_in)
     rows = _chunk_rows(max_memory_mb, x.shape[0], sae.cfg.d_sae)
-    tv = total_variance(x) if rows is None else _total_variance_chunked(x, rows)
+    tv = total_variance(x)
     if rows is None:
         fq = _QuantizedFVU(sae, x, encode_all(sae, x), tv)
     else:

@@ -63,16 +63,18 @@ def sum_sq(t: Tensor) -> float:
 
 
 def total_variance(x: Float[Tensor, "n d"]) -> float:
-    """``Σ_n ‖x_n − x̄‖²``, in two fused passes with cascade summation in float32 or wider
-    (relative error ~1e-7; an error ``ε`` in ``x̄`` adds only ``N ε²``). Raises when it is
-    0 (FVU undefined)."""
+    """``Σ_n ‖x_n − x̄‖²`` in float64 (exact to ~1e-16 relative), two passes over blocks of
+    rows (float64 temporaries of one block only). Raises when it is 0 (FVU undefined)."""
     x = x.reshape(-1, x.shape[-1])
-    if x.shape[0] == 0:
+    n, d = x.shape
+    if n == 0:
         raise ValueError("no inputs: activations have N = 0 rows")
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    mean = x.sum(0) / x.shape[0]
-    tv = float(torch.nn.functional.mse_loss(x, mean.expand_as(x), reduction="sum"))
+    blocks = x.split(max(1, (1 << 16) // max(d, 1)))
+    mean = sum(b.double().sum(0) for b in blocks) / n
+    tv = 0.0
+    for b in blocks:
+        c = b.to(torch.float64, copy=True).sub_(mean).reshape(-1)
+        tv += float(torch.dot(c, c))
     if tv <= 0:
         raise ValueError("activations have zero variance (all inputs identical); FVU is undefined")
     return tv
