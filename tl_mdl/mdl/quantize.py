@@ -63,19 +63,25 @@ def sum_sq(t: Tensor) -> float:
 
 
 def total_variance(x: Float[Tensor, "n d"]) -> float:
-    """``Σ_n ‖x_n − x̄‖²`` in float64 (exact to ~1e-16 relative), two passes over blocks of
-    rows (float64 temporaries of one block only). Raises when it is 0 (FVU undefined)."""
+    """``Σ_n ‖x_n − x̄‖²`` in float64, one pass over blocks of rows (float64 temporaries of
+    one block only): with ``c = x − k`` for a shift ``k`` (the mean in ``x``'s dtype, so
+    ``c`` is small), ``Σ‖c‖² − ‖Σc‖² / N`` (relative error ~1e-15). Raises when it is 0
+    (FVU undefined)."""
     x = x.reshape(-1, x.shape[-1])
     n, d = x.shape
     if n == 0:
         raise ValueError("no inputs: activations have N = 0 rows")
-    blocks = x.split(max(1, (1 << 16) // max(d, 1)))
-    mean = sum(b.double().sum(0) for b in blocks) / n
-    tv = 0.0
-    for b in blocks:
-        c = b.to(torch.float64, copy=True).sub_(mean).reshape(-1)
-        tv += float(torch.dot(c, c))
-    if tv <= 0:
+    shift = x.mean(0, dtype=x.dtype if x.is_floating_point() else torch.float32).double()
+    col_sum = torch.zeros(d, dtype=torch.float64, device=x.device)
+    sq = torch.zeros((), dtype=torch.float64, device=x.device)
+    for b in x.split(max(1, (1 << 18) // max(d, 1))):
+        c = b.to(torch.float64, copy=True).sub_(shift)
+        col_sum += c.sum(0)
+        c = c.reshape(-1)
+        sq += torch.dot(c, c)
+    sq = float(sq)
+    tv = sq - float(col_sum.dot(col_sum)) / n
+    if tv <= 1e-12 * sq:  # 0 up to the rounding of the cancellation
         raise ValueError("activations have zero variance (all inputs identical); FVU is undefined")
     return tv
 
