@@ -85,24 +85,87 @@ def encode(q: Int[Tensor, "n d_sae"]) -> bytes:
     if n == 0:
         raise ValueError("q has N = 0 inputs; nothing to encode")
     counts, n_distinct, uvals, ucounts = _histograms(qn)
+    payload = _encode_streams(qn, counts, n_distinct, uvals, ucounts, np.full(f, -1), range(f))
+    return _frame(MAGIC, np.concatenate([[n, f], counts, n_distinct, uvals, ucounts]), payload)
+
+
+def _encode_streams(
+    qn: np.ndarray,
+    counts: np.ndarray,
+    n_distinct: np.ndarray,
+    uvals: np.ndarray,
+    ucounts: np.ndarray,
+    parent: np.ndarray,
+    order,
+) -> bytes:
+    """The ANS payload of ``qn [N, F]``: per feature in ``order``, its presence over the
+    inputs where its parent is active (all inputs for a root, ``parent = -1``), then its
+    values as indices into its sorted distinct values. Streams whose outcome the header
+    already fixes (always / never present, one value) are skipped."""
+    n = qn.shape[0]
     offsets = np.concatenate([[0], np.cumsum(n_distinct)])
+    active = qn != 0
     coder = _AnsCoder()
-    active_mask = qn != 0
-    for i in reversed(range(f)):
-        c = int(counts[i])
-        k = int(n_distinct[i])
-        if k > 1:  # value stream: indices into this feature's sorted distinct values
-            vals_i = uvals[offsets[i] : offsets[i + 1]]
+    for i in reversed(list(order)):  # a stack: encode in reverse of decoding order
+        c, k = int(counts[i]), int(n_distinct[i])
+        if k > 1:  # value stream
             col = qn[:, i]
-            idx = np.searchsorted(vals_i, col[col != 0]).astype(np.int32)
+            idx = np.searchsorted(uvals[offsets[i] : offsets[i + 1]], col[col != 0])
             model = _Categorical(
                 ucounts[offsets[i] : offsets[i + 1]].astype(np.float64), perfect=False
             )
-            coder.encode_reverse(idx, model)
-        if 0 < c < n:  # presence stream
-            coder.encode_reverse(active_mask[:, i].astype(np.int32), _bernoulli(c, n))
-    payload = coder.get_compressed().astype("<u4").tobytes()
-    return _frame(MAGIC, np.concatenate([[n, f], counts, n_distinct, uvals, ucounts]), payload)
+            coder.encode_reverse(idx.astype(np.int32), model)
+        a = int(parent[i])
+        where = active[:, a] if a >= 0 else slice(None)
+        ca = int(counts[a]) if a >= 0 else n
+        if 0 < c < ca:  # presence stream over the inputs where the parent is active
+            coder.encode_reverse(active[where, i].astype(np.int32), _bernoulli(c, ca))
+    return coder.get_compressed().astype("<u4").tobytes()
+
+
+def _decode_streams(
+    payload: np.ndarray, n: int, model: np.ndarray, parent: np.ndarray, order
+) -> np.ndarray:
+    """Inverse of :func:`_encode_streams` given the flat header layout ``model``
+    (``[N, F, counts, n_distinct, values, value counts]``); checks every count."""
+    f = int(model[1])
+    counts = model[2 : 2 + f]
+    n_distinct = model[2 + f : 2 + 2 * f]
+    total = int(n_distinct.sum())
+    uvals = model[2 + 2 * f : 2 + 2 * f + total]
+    ucounts = model[2 + 2 * f + total : 2 + 2 * f + 2 * total]
+    offsets = np.concatenate([[0], np.cumsum(n_distinct)])
+    coder = _AnsCoder(payload)
+    q = np.zeros((n, f), dtype=np.int64)
+    for i in order:
+        c, k = int(counts[i]), int(n_distinct[i])
+        if c == 0:
+            continue
+        a = int(parent[i])
+        rows = np.flatnonzero(q[:, a]) if a >= 0 else np.arange(n)
+        if rows.size != (int(counts[a]) if a >= 0 else n):
+            raise ValueError(
+                "latent code is corrupted: a parent's presence disagrees with its count"
+            )
+        if c < rows.size:
+            present = coder.decode(_bernoulli(c, rows.size), rows.size).astype(bool)
+            rows = rows[present]
+            if rows.size != c:
+                raise ValueError(
+                    f"latent code is corrupted: feature {i} decoded {rows.size} presences, "
+                    f"its count is {c}"
+                )
+        vals_i = uvals[offsets[i] : offsets[i + 1]]
+        if k > 1:
+            vmodel = _Categorical(
+                ucounts[offsets[i] : offsets[i + 1]].astype(np.float64), perfect=False
+            )
+            q[rows, i] = vals_i[coder.decode(vmodel, c)]
+        else:
+            q[rows, i] = vals_i[0]
+    if not coder.is_empty():
+        raise ValueError("latent code has trailing payload; the stream is corrupted")
+    return q
 
 
 def _frame(magic: bytes, header: np.ndarray, payload: bytes) -> bytes:
@@ -187,33 +250,7 @@ def decode(data: bytes) -> Int[Tensor, "n d_sae"]:
     """Inverse of :func:`encode`: returns the exact integer code ``q [N, F]`` (int64)."""
     header, payload, _ = _parse(data)
     n, f = int(header[0]), int(header[1])
-    counts = header[2 : 2 + f]
-    n_distinct = header[2 + f : 2 + 2 * f]
-    total = int(n_distinct.sum())
-    uvals = header[2 + 2 * f : 2 + 2 * f + total]
-    ucounts = header[2 + 2 * f + total : 2 + 2 * f + 2 * total]
-    offsets = np.concatenate([[0], np.cumsum(n_distinct)])
-    coder = _AnsCoder(payload)
-    q = np.zeros((n, f), dtype=np.int64)
-    for i in range(f):
-        c, k = int(counts[i]), int(n_distinct[i])
-        if c == 0:
-            continue
-        if c == n:
-            active = np.ones(n, dtype=bool)
-        else:
-            active = coder.decode(_bernoulli(c, n), n).astype(bool)
-        vals_i = uvals[offsets[i] : offsets[i + 1]]
-        if k > 1:
-            model = _Categorical(
-                ucounts[offsets[i] : offsets[i + 1]].astype(np.float64), perfect=False
-            )
-            idx = coder.decode(model, c)
-            q[active, i] = vals_i[idx]
-        else:
-            q[active, i] = vals_i[0]
-    if not coder.is_empty():
-        raise ValueError("latent code has trailing payload; the stream is corrupted")
+    q = _decode_streams(payload, n, header, np.full(f, -1), range(f))
     return torch.from_numpy(q)
 
 

@@ -26,9 +26,8 @@ from torch import Tensor
 from tl_mdl.codec import (
     _FIXED,
     CodecStats,
-    _AnsCoder,
-    _bernoulli,
-    _Categorical,
+    _decode_streams,
+    _encode_streams,
     _frame,
     _histograms,
     _unframe,
@@ -62,25 +61,7 @@ def encode(q: Int[Tensor, "n d_sae"], parent_index: Int[Tensor, " d_sae"] | list
     qn = qt.numpy()
     pin = pi.numpy()
     counts, n_distinct, uvals, ucounts = _histograms(qn)
-    offsets = np.concatenate([[0], np.cumsum(n_distinct)])
-    active = qn != 0
-    coder = _AnsCoder()
-    for i in reversed(order.tolist()):  # a stack: encode in reverse of decoding order
-        c, k = int(counts[i]), int(n_distinct[i])
-        if k > 1:  # value stream: indices into this feature's sorted distinct values
-            vals_i = uvals[offsets[i] : offsets[i + 1]]
-            col = qn[:, i]
-            idx = np.searchsorted(vals_i, col[col != 0]).astype(np.int32)
-            model = _Categorical(
-                ucounts[offsets[i] : offsets[i + 1]].astype(np.float64), perfect=False
-            )
-            coder.encode_reverse(idx, model)
-        a = int(pin[i])
-        where = active[:, a] if a >= 0 else slice(None)
-        ca = int(counts[a]) if a >= 0 else n
-        if 0 < c < ca:  # presence stream over the inputs where the parent is active
-            coder.encode_reverse(active[where, i].astype(np.int32), _bernoulli(c, ca))
-    payload = coder.get_compressed().astype("<u4").tobytes()
+    payload = _encode_streams(qn, counts, n_distinct, uvals, ucounts, pin, order.tolist())
     return _frame(MAGIC, np.concatenate([[n, f], pin, counts, n_distinct, uvals, ucounts]), payload)
 
 
@@ -118,43 +99,7 @@ def decode(data: bytes) -> tuple[Int[Tensor, "n d_sae"], Int[Tensor, " d_sae"]]:
     """Inverse of :func:`encode`: the exact code ``q [N, F]`` (int64) and its
     ``parent_index [F]``."""
     n, f, pi, order, model, payload, _ = _parse(data)
-    counts = model[2 : 2 + f]
-    n_distinct = model[2 + f : 2 + 2 * f]
-    total = int(n_distinct.sum())
-    uvals = model[2 + 2 * f : 2 + 2 * f + total]
-    ucounts = model[2 + 2 * f + total : 2 + 2 * f + 2 * total]
-    offsets = np.concatenate([[0], np.cumsum(n_distinct)])
-    pin = pi.numpy()
-    coder = _AnsCoder(payload)
-    q = np.zeros((n, f), dtype=np.int64)
-    for i in order.tolist():
-        c, k = int(counts[i]), int(n_distinct[i])
-        if c == 0:
-            continue
-        a = int(pin[i])
-        rows = np.flatnonzero(q[:, a]) if a >= 0 else np.arange(n)
-        if rows.size != (int(counts[a]) if a >= 0 else n):
-            raise ValueError(
-                "latent code is corrupted: a parent's presence disagrees with its count"
-            )
-        if c < rows.size:
-            present = coder.decode(_bernoulli(c, rows.size), rows.size).astype(bool)
-            rows = rows[present]
-            if rows.size != c:
-                raise ValueError(
-                    f"latent code is corrupted: feature {i} decoded {rows.size} presences, "
-                    f"its count is {c}"
-                )
-        vals_i = uvals[offsets[i] : offsets[i + 1]]
-        if k > 1:
-            vmodel = _Categorical(
-                ucounts[offsets[i] : offsets[i + 1]].astype(np.float64), perfect=False
-            )
-            q[rows, i] = vals_i[coder.decode(vmodel, c)]
-        else:
-            q[rows, i] = vals_i[0]
-    if not coder.is_empty():
-        raise ValueError("latent code has trailing payload; the stream is corrupted")
+    q = _decode_streams(payload, n, model, pi.numpy(), order.tolist())
     return torch.from_numpy(q), pi
 
 

@@ -144,8 +144,11 @@ _PROXY_ELEMENTS = 1 << 15
 _CANDIDATE_MARGIN_STEPS = 1
 
 
-def _block_rows(f: int) -> int:
-    return max(1, _BLOCK_ELEMENTS // max(f, 1))
+def _block_rows(n: int, f: int) -> int:
+    """Rows per block for ``n`` rows of width ``f``: at most ``_BLOCK_ELEMENTS`` entries a
+    block, blocks of (nearly) equal size (so worker threads get equal shares)."""
+    most = max(1, _BLOCK_ELEMENTS // max(f, 1))
+    return -(-n // -(-n // most)) if n > 0 else most
 
 
 def _sq_dist(a: Tensor, b: Tensor) -> float:
@@ -156,7 +159,7 @@ def _sq_dist(a: Tensor, b: Tensor) -> float:
 
 def _sse_dense(latents: Tensor, W: Tensor, resid: Tensor) -> float:
     """``Σ ‖resid − latents W‖²`` by the dense GEMM, one row block at a time."""
-    rows = _block_rows(latents.shape[1])
+    rows = _block_rows(*latents.shape)
     pairs = zip(latents.split(rows), resid.split(rows), strict=True)
     return sum(_sq_dist(lat.to(W.dtype) @ W, r) for lat, r in pairs)
 
@@ -219,7 +222,7 @@ class _Candidates:
     def __init__(self, tau: float, latents: Tensor, nonneg: bool):
         self.f = latents.shape[1]
         self.tau = tau
-        rows = _block_rows(self.f)
+        rows = _block_rows(latents.shape[0], self.f)
         blocks = latents.split(rows)
         parts = _map_blocks(lambda b: _extract_block(b, tau, nonneg), blocks)
         self.blocks: list[tuple[int, int, Tensor, Tensor, Tensor]] = [
@@ -320,7 +323,7 @@ class _QuantizedFVU:
         self.abs_max = max(-float(lo), float(hi))
         self._cand: _Candidates | None = None
         self.n_nonzero = sum(  # per row block: small temporaries
-            int(torch.count_nonzero(b != 0)) for b in latents.split(_block_rows(self.f))
+            int(torch.count_nonzero(b != 0)) for b in latents.split(_block_rows(self.n, self.f))
         )
         if self.n_nonzero <= _SPARSE_DENSITY * latents.numel():
             self._cand = _Candidates(0.0, latents, self.nonneg)  # all nonzero latents

@@ -36,6 +36,15 @@ def dtype_to_str(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def normalise_dtype_device(cfg: Any) -> None:
+    """A config's ``dtype`` as a validated name (a ``torch.dtype`` is converted) and its
+    ``device`` as a string."""
+    if isinstance(cfg.dtype, torch.dtype):
+        cfg.dtype = dtype_to_str(cfg.dtype)
+    dtype_from_str(cfg.dtype)  # validates
+    cfg.device = str(cfg.device)
+
+
 @dataclass
 class SAEConfig:
     """Configuration of a sparse autoencoder.
@@ -89,10 +98,7 @@ class SAEConfig:
                 f"k={self.k} is only meaningful for activation='topk' "
                 f"(got activation={self.activation!r}); drop k or set activation='topk'"
             )
-        if isinstance(self.dtype, torch.dtype):
-            self.dtype = dtype_to_str(self.dtype)
-        dtype_from_str(self.dtype)  # validates
-        self.device = str(self.device)
+        normalise_dtype_device(self)
 
     @property
     def architecture(self) -> str:

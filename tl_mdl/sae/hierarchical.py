@@ -26,19 +26,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor, nn
+from torch import Tensor
 
-from tl_mdl.sae.config import dtype_from_str, dtype_to_str
-from tl_mdl.sae.model import (
-    check_state_shapes,
-    read_sae_folder,
-    write_sae_folder,
-)
+from tl_mdl.sae.config import dtype_from_str, normalise_dtype_device
+from tl_mdl.sae.model import SAEBase, check_state_shapes, read_sae_folder
 
 ARCHITECTURE = "tl_mdl_hierarchical"
 
@@ -151,10 +146,7 @@ class HierarchicalSAEConfig:
             raise ValueError(
                 f"HierarchicalSAEConfig.child_topk must be None or an int >= 1, got {k!r}"
             )
-        if isinstance(self.dtype, torch.dtype):
-            self.dtype = dtype_to_str(self.dtype)
-        dtype_from_str(self.dtype)  # validates
-        self.device = str(self.device)
+        normalise_dtype_device(self)
 
     @property
     def d_sae(self) -> int:
@@ -208,7 +200,7 @@ class HierarchicalSAEConfig:
         return cfg
 
 
-class HierarchicalSAE(nn.Module):
+class HierarchicalSAE(SAEBase):
     """Two-level SAE ``x -> f -> x̂ = f W_dec + b_dec`` whose children are gated by their
     parents (see the module docstring for the latent order and the gate).
 
@@ -224,11 +216,7 @@ class HierarchicalSAE(nn.Module):
         if not isinstance(cfg, HierarchicalSAEConfig):
             raise TypeError(f"HierarchicalSAE needs a HierarchicalSAEConfig, got {type(cfg)}")
         self.cfg = cfg
-        kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
-        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae, **kw))
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
-        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, **kw))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        self._make_parameters()
         pi = hierarchy_parent_index(cfg.n_parents, cfg.children_per_parent)
         self.register_buffer("parent_index", pi.to(cfg.device), persistent=False)
         self.reset_parameters(seed)
@@ -245,21 +233,9 @@ class HierarchicalSAE(nn.Module):
         if c.children_per_parent:
             w[c.n_parents :] += w[: c.n_parents].repeat_interleave(c.children_per_parent, 0)
             w[c.n_parents :] /= w[c.n_parents :].norm(dim=-1, keepdim=True)
-        w = 0.1 * w
-        self.W_dec.copy_(w.to(self.W_dec))
-        self.W_enc.copy_(w.T.to(self.W_enc))
-        self.b_enc.zero_()
-        self.b_dec.zero_()
+        self._set_tied_weights(0.1 * w)
 
     # ---------------------------------------------------------------- forward
-    @property
-    def d_in(self) -> int:
-        return self.cfg.d_in
-
-    @property
-    def d_sae(self) -> int:
-        return self.cfg.d_sae
-
     @property
     def n_parents(self) -> int:
         return self.cfg.n_parents
@@ -271,18 +247,6 @@ class HierarchicalSAE(nn.Module):
         c = self.cfg.children_per_parent
         start = self.cfg.n_parents + parent * c
         return range(start, start + c)
-
-    def encode_pre(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
-        """Pre-activations ``(x − b_dec) W_enc + b_enc`` of all ``F`` features."""
-        if x.shape[-1] != self.cfg.d_in:
-            raise ValueError(
-                f"input has last dimension {x.shape[-1]} but the SAE has d_in={self.cfg.d_in}; "
-                "pass activations of shape [..., d_in]"
-            )
-        x = x.to(self.W_enc.dtype)
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
 
     def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
         """Parents ``ReLU(pre)``; children ``min(ReLU(pre), parent's latent)``, then (with
@@ -300,22 +264,6 @@ class HierarchicalSAE(nn.Module):
             gated = torch.zeros_like(gated).scatter(-1, idx, values)
         return torch.cat([parents, gated.flatten(-2)], dim=-1)
 
-    def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
-        """Latents ``[..., P + P·C]`` (parents, then each parent's children)."""
-        return self.activation(self.encode_pre(x))
-
-    def decode(self, latents: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
-        """Reconstruction ``f W_dec + b_dec`` (parents + children)."""
-        if latents.shape[-1] != self.cfg.d_sae:
-            raise ValueError(
-                f"latents have last dimension {latents.shape[-1]} but the SAE has "
-                f"d_sae={self.cfg.d_sae}"
-            )
-        return latents.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
-
-    def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
-        return self.decode(self.encode(x))
-
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
         """Scale decoder rows to unit norm, compensating in the encoder.
@@ -329,11 +277,6 @@ class HierarchicalSAE(nn.Module):
         self.b_enc *= norms
 
     # -------------------------------------------------------------- save/load
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``cfg.json`` and ``sae_weights.safetensors`` into folder ``path``
-        (atomically). Returns the folder."""
-        return write_sae_folder(path, self.state_dict(), self.cfg.to_dict())
-
     @classmethod
     def load(
         cls, path: str | os.PathLike, *, device: str | None = None, dtype: str | None = None

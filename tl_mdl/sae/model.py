@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -74,46 +75,32 @@ def register_activation(name: str, fn: ActivationFn, architecture: str | None = 
     config.ACTIVATION_OF_ARCHITECTURE[arch] = name
 
 
-class SAE(nn.Module):
-    """Sparse autoencoder ``x -> f = act((x - b_dec) W_enc + b_enc) -> x̂ = f W_dec + b_dec``.
+class SAEBase(nn.Module):
+    """What :class:`SAE` and :class:`~tl_mdl.sae.HierarchicalSAE` share: the weights
+    ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``,
+    the affine maps around the activation (``encode = activation ∘ encode_pre``,
+    ``decode``) and :meth:`save`. Subclasses set ``cfg`` (with ``d_in``, ``d_sae``,
+    ``apply_b_dec_to_input``, ``torch_dtype``, ``device``, ``to_dict()``) and define
+    :meth:`activation`."""
 
-    Weights: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
-    ``b_dec [d_in]`` (and ``threshold [d_sae]`` for JumpReLU). Saved in SAELens's
-    layout, so one folder loads in tl_mdl and in ``sae_lens.SAE.load_from_disk``.
-    """
+    cfg: Any
 
-    jumprelu_bandwidth: float = 1e-3
-
-    def __init__(self, cfg: SAEConfig, *, seed: int | None = None):
-        super().__init__()
-        if not isinstance(cfg, SAEConfig):
-            raise TypeError(f"SAE needs an SAEConfig, got {type(cfg).__name__}")
-        self.cfg = cfg
+    def _make_parameters(self) -> None:
+        cfg = self.cfg
         kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
         self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae, **kw))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
         self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in, **kw))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
-        if cfg.activation == "jumprelu":
-            self.threshold = nn.Parameter(
-                torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold, **kw)
-            )
-        self.reset_parameters(seed)
 
-    # ------------------------------------------------------------------ init
     @torch.no_grad()
-    def reset_parameters(self, seed: int | None = None) -> None:
-        """Decoder rows uniform on the unit sphere scaled to norm 0.1; encoder = decoderᵀ."""
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(0 if seed is None else seed)
-        w = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=gen, dtype=torch.float64)
-        w = w / w.norm(dim=-1, keepdim=True) * 0.1
+    def _set_tied_weights(self, w: Tensor) -> None:
+        """Decoder rows ``w [d_sae, d_in]``, encoder ``wᵀ``, zero biases."""
         self.W_dec.copy_(w.to(self.W_dec))
         self.W_enc.copy_(w.T.to(self.W_enc))
         self.b_enc.zero_()
         self.b_dec.zero_()
 
-    # ---------------------------------------------------------------- forward
     @property
     def d_in(self) -> int:
         return self.cfg.d_in
@@ -138,11 +125,10 @@ class SAE(nn.Module):
         return x @ self.W_enc + self.b_enc
 
     def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
-        """The activation function applied to pre-activations."""
-        return ACTIVATIONS[self.cfg.activation](self, pre)
+        raise NotImplementedError
 
     def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
-        """Latents ``f = act(encode_pre(x))``."""
+        """Latents ``f = activation(encode_pre(x))``."""
         return self.activation(self.encode_pre(x))
 
     def decode(self, latents: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
@@ -156,6 +142,49 @@ class SAE(nn.Module):
 
     def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
         return self.decode(self.encode(x))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``cfg.json`` and ``sae_weights.safetensors`` into folder ``path``
+        (atomically: temp files then rename). Returns the folder."""
+        return write_sae_folder(path, self.state_dict(), self.cfg.to_dict())
+
+
+class SAE(SAEBase):
+    """Sparse autoencoder ``x -> f = act((x - b_dec) W_enc + b_enc) -> x̂ = f W_dec + b_dec``.
+
+    Weights: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
+    ``b_dec [d_in]`` (and ``threshold [d_sae]`` for JumpReLU). Saved in SAELens's
+    layout, so one folder loads in tl_mdl and in ``sae_lens.SAE.load_from_disk``.
+    """
+
+    jumprelu_bandwidth: float = 1e-3
+
+    def __init__(self, cfg: SAEConfig, *, seed: int | None = None):
+        super().__init__()
+        if not isinstance(cfg, SAEConfig):
+            raise TypeError(f"SAE needs an SAEConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self._make_parameters()
+        kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
+        if cfg.activation == "jumprelu":
+            self.threshold = nn.Parameter(
+                torch.full((cfg.d_sae,), cfg.jumprelu_init_threshold, **kw)
+            )
+        self.reset_parameters(seed)
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Decoder rows uniform on the unit sphere scaled to norm 0.1; encoder = decoderᵀ."""
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(0 if seed is None else seed)
+        w = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=gen, dtype=torch.float64)
+        self._set_tied_weights(w / w.norm(dim=-1, keepdim=True) * 0.1)
+
+    # ---------------------------------------------------------------- forward
+    def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
+        """The activation function applied to pre-activations."""
+        return ACTIVATIONS[self.cfg.activation](self, pre)
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self, *, allow_topk: bool = False) -> None:
@@ -177,11 +206,6 @@ class SAE(nn.Module):
             self.threshold *= norms
 
     # -------------------------------------------------------------- save/load
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``cfg.json`` and ``sae_weights.safetensors`` into folder ``path``
-        (atomically: temp files then rename). Returns the folder."""
-        return write_sae_folder(path, self.state_dict(), self.cfg.to_dict())
-
     @classmethod
     def load(
         cls, path: str | os.PathLike, *, device: str | None = None, dtype: str | None = None
@@ -279,4 +303,4 @@ def identity_sae(d_in: int, *, dtype: str = "float32") -> SAE:
     return sae
 
 
-__all__ = ["SAE", "ACTIVATIONS", "register_activation", "identity_sae"]
+__all__ = ["SAE", "SAEBase", "ACTIVATIONS", "register_activation", "identity_sae"]
