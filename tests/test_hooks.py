@@ -453,3 +453,24 @@ def test_model_loss_errors(model, tokens):
                          tokens=torch.zeros(2, 20, dtype=torch.long))
     with pytest.raises(ValueError, match="needs model="):
         build_model_loss("kl", sae=sae, model=None, hook_name=None, tokens=None)
+
+
+@torch.no_grad()
+def test_cached_pre_activations_are_not_rectified_in_place():
+    """The splice reuses its own pre-activation buffer for the ReLU only when no hook sees
+    it: a cached ``hook_sae_acts_pre`` keeps its negative entries."""
+    model = tiny_model()
+    hook, d_in = HOOKS[0]
+    sae = random_sae(d_in)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 6), generator=torch.Generator().manual_seed(3))
+    _, clean = model.run_with_cache(tokens, names_filter=hook)
+    x = clean[hook].reshape(-1, d_in)
+    with attach_sae(model, hook, sae):
+        logits, cache = model.run_with_cache(tokens)
+        plain = model(tokens)
+    pre = cache[f"{hook}.hook_sae_acts_pre"].reshape(-1, sae.cfg.d_sae)
+    post = cache[f"{hook}.hook_sae_acts_post"].reshape(-1, sae.cfg.d_sae)
+    assert (pre < 0).any()
+    torch.testing.assert_close(pre, sae.encode_pre(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(post, sae.encode(x), rtol=0, atol=1e-6)
+    assert torch.equal(logits, plain)  # the in-place path (no hooks) gives the same logits

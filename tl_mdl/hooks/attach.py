@@ -260,7 +260,15 @@ class _TlMdlKernel(_Kernel):
             values, indices = pre.reshape(-1, pre.shape[-1]).topk(sae.cfg.k, dim=-1, sorted=False)
             recons = sparse_decode(indices, values.relu(), sae.W_dec, sae.b_dec)
         else:
-            acts = _fire(h["hook_sae_acts_post"], sae.activation(pre), use_hooks)
+            if (
+                sae.cfg.activation == "relu" and type(sae).activation is SAE.activation
+                and type(sae).encode_pre is SAE.encode_pre
+                and not need_grad and not (use_hooks and has_hooks(h["hook_sae_acts_pre"]))
+            ):
+                acts = pre.relu_()  # our own temporary, seen by no hook: no second buffer
+            else:
+                acts = sae.activation(pre)
+            acts = _fire(h["hook_sae_acts_post"], acts, use_hooks)
             if need_recons:
                 flat = acts.reshape(-1, acts.shape[-1]).to(sae.W_dec.dtype)
                 recons = decode_maybe_sparse(flat, sae.W_dec, sae.b_dec)
