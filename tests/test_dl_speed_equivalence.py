@@ -220,3 +220,30 @@ def test_inputs_are_not_modified(dtype, max_memory_mb):
     description_length(sae, x, tolerance=0.01, max_memory_mb=max_memory_mb)
     assert torch.equal(x, x0)
     assert all(torch.equal(v, state[k]) for k, v in sae.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("nonneg", [True, False])
+@pytest.mark.parametrize("shape", [(1, 7), (13, 5), (40, 64)])
+def test_block_extraction_numpy_and_torch_agree(dtype, nonneg, shape):
+    """The NumPy candidate extraction (CPU float32/64) equals the torch one (other devices
+    and dtypes): same columns, values and CSR offsets, empty rows and blocks included."""
+    import importlib
+
+    dl = importlib.import_module("tl_mdl.mdl.description_length")
+    gen = torch.Generator().manual_seed(shape[0])
+    lat = torch.randn(shape, generator=gen, dtype=dtype)
+    lat = lat * (torch.rand(shape, generator=gen) < 0.3)
+    if nonneg:
+        lat = lat.abs()
+    lat[shape[0] // 2] = 0  # an empty row
+    for tau in (0.0, 0.5, 1e9):  # all nonzero / some / none
+        a = dl._extract_block(lat, tau, nonneg)
+        b = dl._extract_block_torch(lat, tau, nonneg)
+        for u, v in zip(a, b, strict=True):
+            assert u.dtype == v.dtype and torch.equal(u, v)
+    lat16 = lat.to(torch.float16)
+    half = dl._extract_block(lat16, 0.5, nonneg)  # the torch branch on CPU
+    ref = dl._extract_block(lat16.float(), 0.5, nonneg)  # the same numbers, NumPy
+    assert torch.equal(half[0], ref[0]) and torch.equal(half[2], ref[2])
+    assert torch.equal(half[1].float(), ref[1])

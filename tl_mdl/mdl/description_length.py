@@ -192,6 +192,12 @@ def _extract_block(lat: Tensor, tau: float, nonneg: bool) -> tuple[Tensor, Tenso
         np.cumsum(np.bincount(r, minlength=rows)[:-1], out=offsets[1:])
         values = torch.from_numpy(a.reshape(-1)[idx])
         return torch.from_numpy(c.astype(np.int32)), values, torch.from_numpy(offsets)
+    return _extract_block_torch(lat, tau, nonneg)
+
+
+def _extract_block_torch(lat: Tensor, tau: float, nonneg: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_extract_block` with torch ops (any device and dtype)."""
+    rows = lat.shape[0]
     nz = torch.nonzero((lat > tau) if nonneg else (lat.abs() > tau))
     r, c = nz[:, 0], nz[:, 1]
     offsets = torch.zeros(rows, dtype=torch.int32, device=lat.device)
