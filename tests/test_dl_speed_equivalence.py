@@ -247,3 +247,26 @@ def test_block_extraction_numpy_and_torch_agree(dtype, nonneg, shape):
     ref = dl._extract_block(lat16.float(), 0.5, nonneg)  # the same numbers, NumPy
     assert torch.equal(half[0], ref[0]) and torch.equal(half[2], ref[2])
     assert torch.equal(half[1].float(), ref[1])
+
+
+def test_threaded_block_extraction_gives_the_same_report(monkeypatch):
+    """With more than one torch thread the candidate blocks are extracted on a thread
+    pool; the report is identical to the single-threaded one."""
+    import importlib
+
+    dl = importlib.import_module("tl_mdl.mdl.description_length")
+    monkeypatch.setattr(dl, "_BLOCK_ELEMENTS", 64 * 50)  # many blocks
+    sae = _sae("relu", seed=4)
+    x = _acts(sae, 1200, seed=8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = description_length(sae, x, tolerance=0.01)
+        torch.set_num_threads(2)
+        two = description_length(sae, x, tolerance=0.01)
+    finally:
+        torch.set_num_threads(threads)
+    assert one.bin_width == two.bin_width and one.bits_per_input == two.bits_per_input
+    assert one.l0 == two.l0 and one.bits_per_value == two.bits_per_value
+    assert torch.equal(one.features["bits"], two.features["bits"])
+    assert two.fvu_quantized == pytest.approx(one.fvu_quantized, rel=1e-6)

@@ -205,7 +205,7 @@ def _extract_block_torch(lat: Tensor, tau: float, nonneg: bool) -> tuple[Tensor,
     return c.to(torch.int32), lat[r, c], offsets
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool)
 
 
 def _map_blocks(fn, blocks: list[Tensor]) -> list:
@@ -215,9 +215,9 @@ def _map_blocks(fn, blocks: list[Tensor]) -> list:
     workers = torch.get_num_threads()
     if workers < 2 or len(blocks) < 2 or blocks[0].device.type != "cpu":
         return [fn(b) for b in blocks]
-    if _POOL is None or _POOL._max_workers != workers:
-        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="tl_mdl")
-    return list(_POOL.map(fn, blocks))
+    if _POOL is None or _POOL[0] != workers:
+        _POOL = (workers, ThreadPoolExecutor(workers, thread_name_prefix="tl_mdl"))
+    return list(_POOL[1].map(fn, blocks))
 
 
 class _Candidates:
