@@ -18,9 +18,9 @@ are not counted.
   chunks of 32 directions; baseline = materialise the tensor ``B [d_out, d, d]`` and
   ``eigh`` every ``Q(u)`` at once.
 
-Prints ``name: ours X, baseline Y, ratio Z`` lines (ratio = baseline / ours) and, per
-benchmark, the growth exponent of ours (``cost ∝ size^e`` between the smallest and largest
-size). Default run about 2 minutes; ``--full`` adds larger sizes.
+Prints ``name: ours X, baseline Y, ratio Z`` lines (ratio = ours / baseline, as in every
+benchmark here: below 1 is better) and, per benchmark, the growth exponent of ours
+(``cost ∝ size^e`` between the smallest and largest size). Default run about 2 minutes; ``--full`` adds larger sizes.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def _run(kind: str, variant: str, timeout: float = 900, **args) -> dict[str, flo
 def _line(name: str, ours: dict | None, base: dict | None, key: str, unit: str) -> None:
     o = ours[key] if ours else float("nan")
     b = base[key] if base else float("nan")
-    ratio = b / o if ours and base and o > 0 else float("nan")
+    ratio = o / b if ours and base and b > 0 else float("nan")
     print(f"{name}: ours {o:.3g} {unit}, baseline {b:.3g} {unit}, ratio {ratio:.3g}", flush=True)
 
 
