@@ -20,7 +20,8 @@ are not counted.
 
 Prints ``name: ours X, baseline Y, ratio Z`` lines (ratio = ours / baseline, as in every
 benchmark here: below 1 is better) and, per benchmark, the growth exponent of ours
-(``cost ∝ size^e`` between the smallest and largest size). Default run about 2 minutes; ``--full`` adds larger sizes.
+(``cost ∝ size^e`` between the smallest and largest size). Default run about 2 minutes;
+``--full`` adds larger sizes.
 """
 
 from __future__ import annotations
