@@ -258,12 +258,14 @@ class _Candidates:
             total += _sq_dist(recon, resid[r0:r1])
         return total
 
-    def count_pairs(self, w: float, pairs: _KeyCounter, span: int, vmin: int) -> None:
-        """Add the (feature, value) keys ``feature · span + q − vmin`` of
-        ``q = round(f / w)`` over the candidates to ``pairs`` (zeros included)."""
-        for _, _, cols, values, _ in self.blocks:
-            q = _quantized(values, w).to(torch.int64)
-            pairs.add(cols.to(torch.int64, copy=True).mul_(span).add_(q).sub_(vmin))
+    def pair_keys(self, w: float, span: int, vmin: int) -> Tensor:
+        """The (feature, value) keys ``feature · span + q − vmin`` of ``q = round(f / w)``
+        over all candidates (zeros included), int64."""
+        keys = [
+            cols.to(torch.int64, copy=True).mul_(span).add_(_quantized(values, w).long()).sub_(vmin)
+            for _, _, cols, values, _ in self.blocks
+        ]
+        return torch.cat(keys) if len(keys) != 1 else keys[0]
 
 
 class _KeyCounter:
@@ -366,9 +368,13 @@ class _QuantizedFVU:
         span = vmax - vmin + 1
         if span > (2**62) // f:
             raise ValueError(f"bin_width={w:g} is too fine: its code's value range overflows")
-        pairs = _KeyCounter(f * span, max(1 << 22, 4 * _BLOCK_ELEMENTS), self.W.device)
+        pairs: _KeyCounter | None = None
         for cand, _ in self._candidate_chunks(w):
-            cand.count_pairs(w, pairs, span, vmin)
+            keys = cand.pair_keys(w, span, vmin)
+            if pairs is None:  # dense counts when the key range is not much larger
+                pairs = _KeyCounter(f * span, max(1 << 22, 4 * keys.numel()), keys.device)
+            pairs.add(keys)
+        assert pairs is not None
         keys, pc = pairs.items()
         feature, value = keys // span, keys % span
         active = value != -vmin  # drop the (feature, 0) pairs: inactive entries
