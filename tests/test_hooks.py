@@ -474,3 +474,40 @@ def test_cached_pre_activations_are_not_rectified_in_place():
     torch.testing.assert_close(pre, sae.encode_pre(x), rtol=0, atol=1e-6)
     torch.testing.assert_close(post, sae.encode(x), rtol=0, atol=1e-6)
     assert torch.equal(logits, plain)  # the in-place path (no hooks) gives the same logits
+
+
+def test_reused_pre_activation_buffer_is_never_visible():
+    """Spliced forwards reuse one pre-activation buffer when no hook, gradient or observe
+    can hold the latents; across batch shapes, no_grad / inference_mode / grad, and with a
+    hook that keeps every latent tensor, the outputs equal the manual reference."""
+    model = tiny_model()
+    hook, d_in = HOOKS[0]
+    gen = torch.Generator().manual_seed(5)
+    runs = [
+        ((2, 6), torch.no_grad), ((3, 5), torch.inference_mode), ((2, 6), torch.no_grad),
+        ((1, 4), torch.enable_grad),
+    ]
+    batches = [torch.randint(0, model.cfg.d_vocab, shape, generator=gen) for shape, _ in runs]
+    toks = [torch.randint(0, model.cfg.d_vocab, (2, 6), generator=gen) for _ in range(2)]
+    for act in ("relu", "topk"):
+        sae = random_sae(d_in, act)
+
+        def repl(x, hook, sae=sae):
+            return sae(x)
+
+        with torch.no_grad():
+            refs = [model.run_with_hooks(t, fwd_hooks=[(hook, repl)]) for t in batches]
+            _, cache = model.run_with_cache(torch.cat(toks), names_filter=hook)
+        expected = sae.encode(cache[hook].reshape(-1, d_in)).detach()
+        kept = []
+        with attach_sae(model, hook, sae) as h:
+            for tokens, ref, (_, ctx) in zip(batches, refs, runs, strict=True):
+                with ctx():
+                    got = model(tokens)
+                torch.testing.assert_close(got.detach(), ref, rtol=0, atol=1e-5)
+            h.hook_points["hook_sae_acts_post"].add_hook(lambda t, hook, kept=kept: kept.append(t))
+            with torch.no_grad():
+                for t in toks:
+                    model(t)
+        got_acts = torch.cat([a.reshape(-1, sae.cfg.d_sae) for a in kept])
+        torch.testing.assert_close(got_acts, expected, rtol=0, atol=1e-6)

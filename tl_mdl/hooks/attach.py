@@ -232,8 +232,24 @@ class _Kernel:
 
 class _TlMdlKernel(_Kernel):
     sae: SAE
+    #: pre-activation buffer reused across forwards when nothing outside the kernel can hold
+    #: on to the latents (no hook on them, no gradient, not kept for ``observe``).
+    _buf: Tensor | None = None
 
-    def _encode_pre(self, x: Tensor) -> Tensor:
+    def _scratch(self, rows: int, like: Tensor) -> Tensor:
+        shape = (rows, self.sae.cfg.d_sae)
+        b = self._buf
+        if (
+            b is None or b.shape != shape or b.dtype != like.dtype or b.device != like.device
+            or b.is_inference() != torch.is_inference_mode_enabled()
+        ):
+            b = self._buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return b
+
+    def release(self) -> None:
+        self._buf = None
+
+    def _encode_pre(self, x: Tensor, reuse: bool = False) -> Tensor:
         sae = self.sae
         if type(sae).encode_pre is not SAE.encode_pre or x.dtype != sae.W_enc.dtype:
             return sae.encode_pre(x)
@@ -241,13 +257,17 @@ class _TlMdlKernel(_Kernel):
         if sae.cfg.apply_b_dec_to_input:
             x2 = x2 - sae.b_dec
         # one fused GEMM + bias (same value as SAE.encode_pre)
-        return torch.addmm(sae.b_enc, x2, sae.W_enc).reshape(*x.shape[:-1], -1)
+        out = self._scratch(x2.shape[0], sae.W_enc) if reuse else None
+        return torch.addmm(sae.b_enc, x2, sae.W_enc, out=out).reshape(*x.shape[:-1], -1)
 
     def run(self, x, *, use_hooks=True, need_acts=False, need_recons=True):
         sae, h = self.sae, self.hooks
         lead = x.shape[:-1]
         x = _fire(h["hook_sae_input"], x, use_hooks)
-        pre = _fire(h["hook_sae_acts_pre"], self._encode_pre(x), use_hooks)
+        private = not need_acts and not (
+            torch.is_grad_enabled() and (x.requires_grad or sae.W_enc.requires_grad)
+        ) and not (use_hooks and any(has_hooks(h[n]) for n in _INNER[1:3]))
+        pre = _fire(h["hook_sae_acts_pre"], self._encode_pre(x, reuse=private), use_hooks)
         need_grad = torch.is_grad_enabled() and (pre.requires_grad or sae.W_dec.requires_grad)
         acts: Tensor | None = None
         recons: Tensor | None = None
@@ -352,6 +372,8 @@ class SAEHandle:
         for name, old in self._saved_names.items():
             self.hook_points[name].name = old
         self.latents = None
+        if isinstance(self._kernel, _TlMdlKernel):
+            self._kernel.release()
         self.model.setup()
 
     def __enter__(self) -> SAEHandle:
