@@ -511,3 +511,25 @@ def test_reused_pre_activation_buffer_is_never_visible():
                     model(t)
         got_acts = torch.cat([a.reshape(-1, sae.cfg.d_sae) for a in kept])
         torch.testing.assert_close(got_acts, expected, rtol=0, atol=1e-6)
+
+
+def test_splice_trains_biases_of_a_frozen_encoder():
+    """Only the encoder bias requires grad (weights frozen): the splice must build its
+    pre-activations in the autograd graph (no reused buffer) and the bias gets a gradient
+    equal to the manual reference's."""
+    model = tiny_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hook, d_in = HOOKS[0]
+    sae = random_sae(d_in)
+    for name in ("W_enc", "W_dec", "b_dec"):
+        getattr(sae, name).requires_grad_(False)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 6), generator=torch.Generator().manual_seed(7))
+    with attach_sae(model, hook, sae):
+        model(tokens).square().mean().backward()
+    got = sae.b_enc.grad.clone()
+    sae.b_enc.grad = None
+    ref = model.run_with_hooks(tokens, fwd_hooks=[(hook, lambda x, hook: sae(x))])
+    ref.square().mean().backward()
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, sae.b_enc.grad, rtol=1e-5, atol=1e-7)

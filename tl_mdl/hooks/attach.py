@@ -264,9 +264,14 @@ class _TlMdlKernel(_Kernel):
         sae, h = self.sae, self.hooks
         lead = x.shape[:-1]
         x = _fire(h["hook_sae_input"], x, use_hooks)
-        private = not need_acts and not (
-            torch.is_grad_enabled() and (x.requires_grad or sae.W_enc.requires_grad)
-        ) and not (use_hooks and any(has_hooks(h[n]) for n in _INNER[1:3]))
+        pre_seen = use_hooks and has_hooks(h["hook_sae_acts_pre"])  # a hook may keep it
+        pre_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, sae.W_enc, sae.b_enc, sae.b_dec)
+        )
+        private = not (
+            need_acts or pre_grad or pre_seen
+            or (use_hooks and has_hooks(h["hook_sae_acts_post"]))
+        )
         pre = _fire(h["hook_sae_acts_pre"], self._encode_pre(x, reuse=private), use_hooks)
         need_grad = torch.is_grad_enabled() and (pre.requires_grad or sae.W_dec.requires_grad)
         acts: Tensor | None = None
@@ -283,7 +288,7 @@ class _TlMdlKernel(_Kernel):
             if (
                 sae.cfg.activation == "relu" and type(sae).activation is SAE.activation
                 and type(sae).encode_pre is SAE.encode_pre
-                and not need_grad and not (use_hooks and has_hooks(h["hook_sae_acts_pre"]))
+                and not need_grad and not pre_seen
             ):
                 acts = pre.relu_()  # our own temporary, seen by no hook: no second buffer
             else:
