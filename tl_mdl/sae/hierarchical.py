@@ -33,7 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_mdl.sae.config import dtype_from_str, normalise_dtype_device
-from tl_mdl.sae.model import SAEBase, check_state_shapes, read_sae_folder
+from tl_mdl.sae.model import SAEBase, read_sae_folder
 
 ARCHITECTURE = "tl_mdl_hierarchical"
 
@@ -271,10 +271,7 @@ class HierarchicalSAE(SAEBase):
         Not output-preserving in general (the gate compares a child's latent with its
         parent's, and rescaling them differently moves where ``min`` switches); use it
         during training only, like SAELens does."""
-        norms = self.W_dec.norm(dim=-1).clamp_min(1e-12)
-        self.W_dec /= norms[:, None]
-        self.W_enc *= norms[None, :]
-        self.b_enc *= norms
+        self._unit_norm_decoder_rows()
 
     # -------------------------------------------------------------- save/load
     @classmethod
@@ -285,11 +282,7 @@ class HierarchicalSAE(SAEBase):
         cfg_dict, state, weights_path = read_sae_folder(
             path, device=device, dtype=dtype, written_by="HierarchicalSAE.save"
         )
-        cfg = HierarchicalSAEConfig.from_dict(cfg_dict)
-        sae = cls(cfg)
-        check_state_shapes(sae, state, weights_path)
-        sae.load_state_dict({k: v.to(cfg.torch_dtype) for k, v in state.items()})
-        return sae.to(cfg.device)
+        return cls._from_saved(HierarchicalSAEConfig.from_dict(cfg_dict), state, weights_path)
 
     def extra_repr(self) -> str:
         c = self.cfg

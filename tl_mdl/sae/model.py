@@ -148,6 +148,34 @@ class SAEBase(nn.Module):
         (atomically: temp files then rename). Returns the folder."""
         return write_sae_folder(path, self.state_dict(), self.cfg.to_dict())
 
+    @classmethod
+    def _from_saved(
+        cls,
+        cfg: Any,
+        state: dict[str, Tensor],
+        weights_path: Path,
+        transform: Callable[[dict[str, Tensor]], None] | None = None,
+    ) -> Any:
+        """The module for ``cfg`` with the saved ``state``: shapes checked first (a clear
+        error), then ``transform(state)`` in place if given, loaded in ``cfg``'s dtype and
+        moved to its device."""
+        sae = cls(cfg)
+        check_state_shapes(sae, state, weights_path)
+        if transform is not None:
+            transform(state)
+        sae.load_state_dict({k: v.to(cfg.torch_dtype) for k, v in state.items()})
+        return sae.to(cfg.device)
+
+    @torch.no_grad()
+    def _unit_norm_decoder_rows(self) -> Tensor:
+        """Scale decoder rows to unit norm and the encoder columns and ``b_enc`` by the
+        old norms (so pre-activations scale with them); returns the norms ``[d_sae]``."""
+        norms = self.W_dec.norm(dim=-1).clamp_min(1e-12)
+        self.W_dec /= norms[:, None]
+        self.W_enc *= norms[None, :]
+        self.b_enc *= norms
+        return norms
+
 
 class SAE(SAEBase):
     """Sparse autoencoder ``x -> f = act((x - b_dec) W_enc + b_enc) -> x̂ = f W_dec + b_dec``.
@@ -198,10 +226,7 @@ class SAE(SAEBase):
                 "set_decoder_norm_to_unit_norm changes which latents a TopK SAE keeps; "
                 "pass allow_topk=True to do it anyway"
             )
-        norms = self.W_dec.norm(dim=-1).clamp_min(1e-12)
-        self.W_dec /= norms[:, None]
-        self.W_enc *= norms[None, :]
-        self.b_enc *= norms
+        norms = self._unit_norm_decoder_rows()
         if self.cfg.activation == "jumprelu":
             self.threshold *= norms
 
@@ -221,15 +246,15 @@ class SAE(SAEBase):
         # into the weights (W_enc·n, b_enc·n, W_dec/n) gives the same latents and output.
         rescale = bool(cfg_dict.pop("rescale_acts_by_decoder_norm", False))
         cfg = SAEConfig.from_dict(cfg_dict)
-        sae = cls(cfg)
-        check_state_shapes(sae, state, weights_path)
-        if rescale and cfg.activation == "topk":
+
+        def fold_decoder_norms(state: dict[str, Tensor]) -> None:
             n = state["W_dec"].double().norm(dim=-1)
             state["W_enc"] = (state["W_enc"].double() * n).to(state["W_enc"].dtype)
             state["b_enc"] = (state["b_enc"].double() * n).to(state["b_enc"].dtype)
             state["W_dec"] = (state["W_dec"].double() / n[:, None]).to(state["W_dec"].dtype)
-        sae.load_state_dict({k: v.to(cfg.torch_dtype) for k, v in state.items()})
-        return sae.to(cfg.device)
+
+        fold = rescale and cfg.activation == "topk"
+        return cls._from_saved(cfg, state, weights_path, fold_decoder_norms if fold else None)
 
     def extra_repr(self) -> str:
         c = self.cfg
