@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
+from tl_mdl._sparse import extract_block, extract_block_torch
 from tl_mdl.mdl import (
     dequantize,
     description_length,
@@ -228,9 +229,6 @@ def test_inputs_are_not_modified(dtype, max_memory_mb):
 def test_block_extraction_numpy_and_torch_agree(dtype, nonneg, shape):
     """The NumPy candidate extraction (CPU float32/64) equals the torch one (other devices
     and dtypes): same columns, values and CSR offsets, empty rows and blocks included."""
-    import importlib
-
-    dl = importlib.import_module("tl_mdl.mdl.description_length")
     gen = torch.Generator().manual_seed(shape[0])
     lat = torch.randn(shape, generator=gen, dtype=dtype)
     lat = lat * (torch.rand(shape, generator=gen) < 0.3)
@@ -238,13 +236,13 @@ def test_block_extraction_numpy_and_torch_agree(dtype, nonneg, shape):
         lat = lat.abs()
     lat[shape[0] // 2] = 0  # an empty row
     for tau in (0.0, 0.5, 1e9):  # all nonzero / some / none
-        a = dl._extract_block(lat, tau, nonneg)
-        b = dl._extract_block_torch(lat, tau, nonneg)
+        a = extract_block(lat, tau, nonneg)
+        b = extract_block_torch(lat, tau, nonneg)
         for u, v in zip(a, b, strict=True):
             assert u.dtype == v.dtype and torch.equal(u, v)
     lat16 = lat.to(torch.float16)
-    half = dl._extract_block(lat16, 0.5, nonneg)  # the torch branch on CPU
-    ref = dl._extract_block(lat16.float(), 0.5, nonneg)  # the same numbers, NumPy
+    half = extract_block(lat16, 0.5, nonneg)  # the torch branch on CPU
+    ref = extract_block(lat16.float(), 0.5, nonneg)  # the same numbers, NumPy
     assert torch.equal(half[0], ref[0]) and torch.equal(half[2], ref[2])
     assert torch.equal(half[1].float(), ref[1])
 

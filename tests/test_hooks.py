@@ -34,9 +34,10 @@ def tiny_model(act_fn: str = "gelu", gated: bool = False, seed: int = 0) -> Hook
     return model
 
 
-def random_sae(d_in: int, activation: str = "relu", d_sae: int = 48, seed: int = 1, **kw) -> SAE:
+def random_sae(d_in: int, activation: str = "relu", d_sae: int = 48, seed: int = 1,
+               k: int = 5, **kw) -> SAE:
     cfg = SAEConfig(d_in=d_in, d_sae=d_sae, activation=activation,
-                    k=5 if activation == "topk" else None, **kw)
+                    k=k if activation == "topk" else None, **kw)
     sae = SAE(cfg, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -140,10 +141,11 @@ def test_splice_equals_manual_run_with_hooks(model, tokens, hook, d_in, activati
 
 
 def test_sparse_decode_paths_match_dense(model, tokens):
-    """TopK fast path and the sparse ReLU decode agree with the dense decode."""
+    """TopK fast path (small k: torch.topk; k = 32 of 2048: the grouped top-k) and the
+    sparse ReLU decode agree with the dense decode."""
     hook = "blocks.0.hook_resid_pre"
-    for activation, d_sae in (("topk", 256), ("relu", 256)):
-        sae = random_sae(16, activation, d_sae=d_sae)
+    for activation, d_sae, k in (("topk", 256, 5), ("topk", 2048, 32), ("relu", 256, 5)):
+        sae = random_sae(16, activation, d_sae=d_sae, k=k)
         if activation == "relu":
             with torch.no_grad():
                 sae.b_enc.fill_(-1.5)  # very sparse code

@@ -30,11 +30,11 @@ import sys
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from tl_mdl._sparse import csr_decode, to_csr, topk, topk_decode
 from tl_mdl.sae import SAE
 
 MODES = ("splice", "splice_error", "observe")
@@ -175,15 +175,6 @@ def check_sae_fits(model: Any, hook_name: str, sae: Any) -> None:
 
 
 # ------------------------------------------------------------------- sparse decoding
-def sparse_decode(
-    indices: Tensor, values: Tensor, W_dec: Tensor, b_dec: Tensor | None = None
-) -> Tensor:
-    """``Σ_j values[n, j] · W_dec[indices[n, j]] (+ b_dec)`` for ``[N, k]`` codes: the decode of
-    a code with ``k`` nonzeros per row, without materialising ``[N, d_sae]``."""
-    out = F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
-    return out if b_dec is None else out + b_dec
-
-
 def decode_maybe_sparse(
     acts: Float[Tensor, "n d_sae"], W_dec: Tensor, b_dec: Tensor
 ) -> Float[Tensor, "n d_in"]:
@@ -200,10 +191,8 @@ def decode_maybe_sparse(
     probe = acts[:: max(1, n // 64)]  # density estimate from ~64 rows, not a full pass
     if int(torch.count_nonzero(probe)) > SPARSE_DECODE_MAX_DENSITY * probe.numel():
         return torch.addmm(b_dec, acts, W_dec)
-    rows, cols = acts.nonzero(as_tuple=True)
-    offsets = torch.searchsorted(rows, torch.arange(n, device=rows.device))
-    out = F.embedding_bag(cols, W_dec, offsets, per_sample_weights=acts[rows, cols], mode="sum")
-    return out + b_dec
+    cols, values, offsets = to_csr(acts, nonneg=False)
+    return csr_decode(cols, offsets, values, W_dec, b_dec)
 
 
 # ------------------------------------------------------------------------- kernels
@@ -282,8 +271,8 @@ class _TlMdlKernel(_Kernel):
             and pre.device.type == "cpu"
         ):
             # TopK fast path: decode the k winners directly, never build [N, d_sae].
-            values, indices = pre.reshape(-1, pre.shape[-1]).topk(sae.cfg.k, dim=-1, sorted=False)
-            recons = sparse_decode(indices, values.relu(), sae.W_dec, sae.b_dec)
+            values, indices = topk(pre.reshape(-1, pre.shape[-1]), sae.cfg.k)
+            recons = topk_decode(indices, values.relu_(), sae.W_dec, sae.b_dec)
         else:
             if (
                 sae.cfg.activation == "relu" and type(sae).activation is SAE.activation

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
+from tl_mdl._sparse import csr_decode, to_csr
 from tl_mdl.hooks.attach import check_hook_name, check_sae_fits, flatten_heads, hook_layer
 from tl_mdl.mdl import dequantize, quantize, register_model_loss
 from tl_mdl.mdl.losses import LossFn
@@ -48,8 +48,7 @@ def check_tokens(model: Any, tokens: Any) -> Tensor:
 class _Batch:
     tokens: Tensor
     start: Tensor | None  # residual entering the hook's block (None: full forward)
-    rows: Tensor  # nonzero latents as (row, col, value); row-sorted
-    cols: Tensor
+    cols: Tensor  # nonzero latents in CSR form (``offsets[n]``: where row n starts)
     vals: Tensor
     offsets: Tensor
     act_shape: torch.Size
@@ -110,12 +109,11 @@ class SplicedLoss:
         act = got[self.hook_name]
         x = flatten_heads(act, self.sae.cfg.d_in, self.hook_name).reshape(-1, self.sae.cfg.d_in)
         latents = self.sae.encode(x)
-        rows, cols = latents.nonzero(as_tuple=True)
-        offsets = torch.searchsorted(rows, torch.arange(latents.shape[0], device=rows.device))
+        cols, vals, offsets = to_csr(latents)
         return _Batch(
             tokens=toks,
             start=got.get(f"blocks.{self.layer}.hook_resid_pre"),
-            rows=rows, cols=cols, vals=latents[rows, cols], offsets=offsets,
+            cols=cols, vals=vals, offsets=offsets,
             act_shape=act.shape,
             clean_logp=logits.double().log_softmax(-1) if self.kind == "kl" else None,
         )
@@ -136,10 +134,7 @@ class SplicedLoss:
         for b in self.batches:
             vals = b.vals if bin_width is None else dequantize(
                 quantize(b.vals, bin_width), bin_width, b.vals.dtype)
-            n_rows = b.offsets.shape[0]
-            recons = F.embedding_bag(b.cols, sae.W_dec, b.offsets, per_sample_weights=vals,
-                                     mode="sum") + sae.b_dec
-            assert recons.shape[0] == n_rows
+            recons = csr_decode(b.cols, b.offsets, vals, sae.W_dec, sae.b_dec)
             logits = self._spliced_logits(b, recons)
             logp = logits.double().log_softmax(-1)
             if self.kind == "ce":

@@ -5,17 +5,16 @@ from __future__ import annotations
 import csv
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from tl_mdl._io import load_activations
+from tl_mdl._sparse import BLOCK_ELEMENTS, block_rows, csr_decode, extract_block, map_blocks
 from tl_mdl.mdl.losses import LossFn, build_model_loss
 from tl_mdl.mdl.precision import STEPS_PER_OCTAVE, SearchResult, search_bin_width
 from tl_mdl.mdl.quantize import (
@@ -135,7 +134,7 @@ def encode_all(
 _SPARSE_DENSITY = 0.2
 #: latents per row block (8 MB in float32): every temporary of the exact evaluation is
 #: O(one block), so it is reused from the allocator's heap instead of fresh pages.
-_BLOCK_ELEMENTS = 1 << 21
+_BLOCK_ELEMENTS = BLOCK_ELEMENTS
 #: rows of the subsample on which the proxy loss is evaluated during bracketing.
 _PROXY_ROWS = 128
 #: elements of the activations sampled for the raw cost's proxy.
@@ -147,8 +146,7 @@ _CANDIDATE_MARGIN_STEPS = 1
 def _block_rows(n: int, f: int) -> int:
     """Rows per block for ``n`` rows of width ``f``: at most ``_BLOCK_ELEMENTS`` entries a
     block, blocks of (nearly) equal size (so worker threads get equal shares)."""
-    most = max(1, _BLOCK_ELEMENTS // max(f, 1))
-    return -(-n // -(-n // most)) if n > 0 else most
+    return block_rows(n, f, _BLOCK_ELEMENTS)
 
 
 def _sq_dist(a: Tensor, b: Tensor) -> float:
@@ -179,47 +177,6 @@ def _quantized(values: Tensor, w: float) -> Tensor:
     return values.to(torch.float64, copy=True).div_(w).round_()
 
 
-def _extract_block(lat: Tensor, tau: float, nonneg: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Columns (int32), values and per-row offsets (int32) of the entries ``|lat| > tau``
-    of one ``[rows, f]`` block, row-major. On CPU this is NumPy (single-threaded and
-    faster than ``torch.nonzero``; :func:`_map_blocks` runs blocks side by side)."""
-    rows, f = lat.shape
-    if lat.device.type == "cpu" and lat.dtype in (torch.float32, torch.float64):
-        a = lat.detach().numpy()
-        idx = np.flatnonzero((a > tau) if nonneg else (np.abs(a) > tau))
-        r, c = np.divmod(idx, f)
-        offsets = np.zeros(rows, dtype=np.int32)
-        np.cumsum(np.bincount(r, minlength=rows)[:-1], out=offsets[1:])
-        values = torch.from_numpy(a.reshape(-1)[idx])
-        return torch.from_numpy(c.astype(np.int32)), values, torch.from_numpy(offsets)
-    return _extract_block_torch(lat, tau, nonneg)
-
-
-def _extract_block_torch(lat: Tensor, tau: float, nonneg: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_extract_block` with torch ops (any device and dtype)."""
-    rows = lat.shape[0]
-    nz = torch.nonzero((lat > tau) if nonneg else (lat.abs() > tau))
-    r, c = nz[:, 0], nz[:, 1]
-    offsets = torch.zeros(rows, dtype=torch.int32, device=lat.device)
-    offsets[1:] = torch.bincount(r, minlength=rows)[:-1].cumsum(0)
-    return c.to(torch.int32), lat[r, c], offsets
-
-
-_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool)
-
-
-def _map_blocks(fn, blocks: list[Tensor]) -> list:
-    """``[fn(b) for b in blocks]``, on CPU with one worker thread per torch thread (for
-    NumPy work, which releases the GIL and uses one core per call)."""
-    global _POOL
-    workers = torch.get_num_threads()
-    if workers < 2 or len(blocks) < 2 or blocks[0].device.type != "cpu":
-        return [fn(b) for b in blocks]
-    if _POOL is None or _POOL[0] != workers:
-        _POOL = (workers, ThreadPoolExecutor(workers, thread_name_prefix="tl_mdl"))
-    return list(_POOL[1].map(fn, blocks))
-
-
 class _Candidates:
     """The entries of an ``[n, f]`` latent matrix with ``|f| > tau`` (every other entry
     quantises to 0 at the widths this serves), in CSR blocks of rows: per block the
@@ -230,7 +187,7 @@ class _Candidates:
         self.tau = tau
         rows = _block_rows(latents.shape[0], self.f)
         blocks = latents.split(rows)
-        parts = _map_blocks(lambda b: _extract_block(b, tau, nonneg), blocks)
+        parts = map_blocks(lambda b: extract_block(b, tau, nonneg), blocks)
         self.blocks: list[tuple[int, int, Tensor, Tensor, Tensor]] = [
             (i * rows, i * rows + b.shape[0], *part)
             for i, (b, part) in enumerate(zip(blocks, parts, strict=True))
@@ -252,9 +209,7 @@ class _Candidates:
                 codes[rows, cols.long()] = weights
                 recon = codes @ W
             else:  # row n of c W = Σ_{candidates i of row n} c[n, i] W[i]
-                recon = torch.nn.functional.embedding_bag(
-                    cols, W, offsets, mode="sum", per_sample_weights=weights
-                )
+                recon = csr_decode(cols, offsets, weights, W)
             total += _sq_dist(recon, resid[r0:r1])
         return total
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from tl_mdl._io import atomic_write
+from tl_mdl._sparse import topk
 from tl_mdl.sae.config import SAEConfig
 
 CFG_FILENAME = "cfg.json"
@@ -52,8 +53,9 @@ def _relu(sae: SAE, pre: Tensor) -> Tensor:
 def _topk(sae: SAE, pre: Tensor) -> Tensor:
     k = sae.cfg.k
     assert k is not None
-    values, indices = pre.topk(k, dim=-1)
-    return torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+    flat = pre.reshape(-1, pre.shape[-1])
+    values, indices = topk(flat, k)
+    return torch.zeros_like(flat).scatter(-1, indices, torch.relu(values)).reshape(pre.shape)
 
 
 def _jumprelu(sae: SAE, pre: Tensor) -> Tensor:
