@@ -32,13 +32,14 @@ def block_rows(n: int, f: int, block_elements: int = BLOCK_ELEMENTS) -> int:
 # ------------------------------------------------------------------ CSR extraction
 def extract_block(lat: Tensor, tau: float, nonneg: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Columns (int32), values and per-row offsets (int32) of the entries ``|lat| > tau``
-    (``lat > tau`` when ``nonneg``) of one ``[rows, f]`` block, row-major. On CPU this is
+    (``lat > tau`` when ``nonneg``; ``lat != 0`` when ``tau`` is 0, so a NaN is kept and
+    reaches the decode) of one ``[rows, f]`` block, row-major. On CPU this is
     NumPy (single-threaded and faster than ``torch.nonzero``; :func:`map_blocks` runs
     blocks side by side). Not differentiable: the values are detached."""
     rows, f = lat.shape
     if lat.device.type == "cpu" and lat.dtype in (torch.float32, torch.float64):
         a = lat.detach().numpy()
-        idx = np.flatnonzero((a > tau) if nonneg else (np.abs(a) > tau))
+        idx = np.flatnonzero(_mask(a, tau, nonneg))
         r, c = np.divmod(idx, f)
         offsets = np.zeros(rows, dtype=np.int32)
         np.cumsum(np.bincount(r, minlength=rows)[:-1], out=offsets[1:])
@@ -47,11 +48,18 @@ def extract_block(lat: Tensor, tau: float, nonneg: bool) -> tuple[Tensor, Tensor
     return extract_block_torch(lat, tau, nonneg)
 
 
+def _mask(a: Any, tau: float, nonneg: bool) -> Any:
+    """Which entries of an array or tensor a CSR code keeps (see :func:`extract_block`)."""
+    if tau == 0:
+        return a != 0
+    return (a > tau) if nonneg else ((a > tau) | (a < -tau))
+
+
 def extract_block_torch(lat: Tensor, tau: float, nonneg: bool) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`extract_block` with torch ops (any device and dtype)."""
     lat = lat.detach()
     rows = lat.shape[0]
-    nz = torch.nonzero((lat > tau) if nonneg else (lat.abs() > tau))
+    nz = torch.nonzero(_mask(lat, tau, nonneg))
     r, c = nz[:, 0], nz[:, 1]
     offsets = torch.zeros(rows, dtype=torch.int32, device=lat.device)
     offsets[1:] = torch.bincount(r, minlength=rows)[:-1].cumsum(0)
