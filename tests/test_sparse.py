@@ -104,3 +104,14 @@ def test_decodes_equal_the_gemm():
     code = torch.zeros_like(acts).scatter(-1, i, v)
     torch.testing.assert_close(topk_decode(i, v, W, b), code @ W + b)
     torch.testing.assert_close(topk_decode(i, v, W), code @ W)
+
+
+def test_to_csr_keeps_nan():
+    """A NaN latent stays in the code, so the decode shows it instead of dropping it."""
+    acts = torch.zeros(4, 64)
+    acts[2, 5] = float("nan")
+    acts[1, 3] = 1.0
+    cols, values, offsets = to_csr(acts)
+    assert cols.tolist() == [3, 5] and offsets.tolist() == [0, 0, 1, 2]
+    out = csr_decode(cols, offsets, values, torch.ones(64, 8))
+    assert out[2].isnan().all() and not out[[0, 1, 3]].isnan().any()
