@@ -1,7 +1,8 @@
 """Activation store: harvest several hook points of a model in one forward pass per batch,
 keep them in memory or in safetensors shards on disk, and serve shuffled ``[B, d_in]`` batches.
 
-Layout of ``cache_dir`` (reused when the tokens, hooks and model match)::
+Layout of ``cache_dir`` (reused when the tokens, hooks, dtype and model weights match, and
+no hook is attached to the model)::
 
     cache_dir/meta.json                            fingerprint, hooks, shard sizes
     cache_dir/<hook_name>/shard_00000.safetensors   one tensor "activations" [rows, d_in]
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,10 @@ class _HookView:
     def __iter__(self) -> Iterator[Tensor]:
         return self.store._batches(self.hook_name)
 
+    def epoch_batches(self, epoch: int) -> Iterator[Tensor]:
+        """The batches of pass number ``epoch`` (see :meth:`ActivationStore.epoch_batches`)."""
+        return self.store._batches(self.hook_name, epoch)
+
     def __len__(self) -> int:
         return self.store._n_batches()
 
@@ -155,9 +161,13 @@ class ActivationStore:
         model_batch_size: sequences per forward pass.
         buffer_size: rows in the shuffling buffer (default: everything in memory; 64
             batches when streaming from ``cache_dir``). Half the buffer is served per refill.
-        shuffle, seed: shuffle rows (and shard order) with a seeded generator.
+        shuffle, seed: shuffle rows (and shard order); pass ``e`` of a hook is shuffled from
+            ``(seed, hook_name, e)`` alone, so it does not depend on other passes.
         drop_last: drop the final partial batch of each pass.
-        cache_dir: folder for safetensors shards; reused when tokens, hooks and model match.
+        cache_dir: folder for safetensors shards; reused when tokens, hooks, dtype and the
+            model's weights (hashed byte for byte) match. Never reused while hooks are
+            attached to the model (their effect cannot be fingerprinted): then it is rewritten.
+            One ``cache_dir`` per store: a store whose cache another store rewrote raises.
         dtype, device: storage dtype (default: the model's) and device (default ``"cpu"``).
         progress: show a tqdm bar while harvesting.
     """
@@ -216,7 +226,9 @@ class ActivationStore:
         self._memory: dict[str, list[Tensor]] | None = None
         self._shard_rows: list[int] | None = None
         self._d_in: dict[str, int] = {}
-        self._epoch = 0
+        self._full: dict[str, Tensor] = {}  # in memory: each hook's [N, d_in]
+        self._fingerprint: str | None = None  # of the disk cache this store serves
+        self._passes: dict[str, int] = {}  # passes started per hook (for plain iteration)
 
     # ----------------------------------------------------------------- harvesting
     @property
@@ -238,23 +250,39 @@ class ActivationStore:
                    desc=f"harvest {len(self.hook_names)} hook(s)", leave=False)
         for i, toks in enumerate(bar):
             acts = harvest_batch(self.model, toks, self.hook_names, self.stop_at_layer)
+            stored = {}
             for h, a in acts.items():
                 _check_finite(a, h, i, self.model_batch_size)
-            yield {h: self._store(a) for h, a in acts.items()}
+                stored[h] = self._store(a)
+                if stored[h].dtype != a.dtype and not torch.isfinite(stored[h]).all():
+                    raise FloatingPointError(
+                        f"activations at hook {h!r} (model batch {i}, max |x| = "
+                        f"{float(a.abs().max()):.4g}) overflow the storage dtype "
+                        f"{stored[h].dtype}; pass a wider dtype= (e.g. torch.float32)"
+                    )
+            yield stored
 
     def fingerprint(self) -> str:
-        """Hash of what the cached activations depend on: tokens, windows, hooks, dtype and
-        the model (config and a checksum of every parameter)."""
+        """Hash of what the cached activations depend on: tokens, windows, hooks, storage
+        dtype and the model (config, and every parameter and buffer byte for byte, with its
+        dtype)."""
         h = hashlib.sha256()
         h.update(self.tokens.to(torch.int64).cpu().numpy().tobytes())
         h.update(json.dumps([self.hook_names, self.context_size, self.model_batch_size,
                              str(self.dtype)]).encode())
         h.update(repr(self.model.cfg).encode())
         with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                h.update(name.encode())
-                h.update(repr(float(p.double().sum())).encode())
+            tensors = [*self.model.named_parameters(), *self.model.named_buffers()]
+            for name, t in tensors:
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                raw = t.detach().reshape(-1).contiguous().cpu()
+                h.update(raw.view(torch.uint8).numpy().tobytes() if raw.numel() else b"")
         return h.hexdigest()
+
+    def _model_hooked(self) -> bool:
+        """Whether any module of the model has a forward hook (an attached SAE, a user hook):
+        their effect on the activations is not part of :meth:`fingerprint`."""
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.model.modules())
 
     def _meta_path(self) -> Path:
         assert self.cache_dir is not None
@@ -263,6 +291,21 @@ class ActivationStore:
     def _shard_path(self, hook: str, i: int) -> Path:
         assert self.cache_dir is not None
         return self.cache_dir / _safe_dirname(hook) / f"shard_{i:05d}.safetensors"
+
+    def _cached_fingerprint(self) -> str | None:
+        try:
+            return json.loads(self._meta_path().read_text()).get("fingerprint")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return None
+
+    def _check_cache_unchanged(self) -> None:
+        """Raise if another store rewrote this store's ``cache_dir`` since it harvested."""
+        if self._fingerprint is not None and self._cached_fingerprint() != self._fingerprint:
+            raise RuntimeError(
+                f"the activation cache in {str(self.cache_dir)!r} was rewritten (or removed) "
+                "by another ActivationStore with other tokens, hooks or model after this store "
+                "harvested it; give each store its own cache_dir"
+            )
 
     def _cache_valid(self, fp: str) -> bool:
         meta_path = self._meta_path()
@@ -289,19 +332,26 @@ class ActivationStore:
         if self._memory is not None or self._shard_rows is not None:
             return self
         if self.cache_dir is None:
-            mem: dict[str, list[Tensor]] = {h: [] for h in self.hook_names}
-            for acts in self._harvest_iter():
-                for h, a in acts.items():
-                    mem[h].append(a)
-                    self._d_in[h] = a.shape[1]
-            self._memory = mem
+            self._memory = self._harvest_to_memory()
             return self
-        fp = self.fingerprint()
-        if self._cache_valid(fp):
+        hooked = self._model_hooked()
+        fp = self.fingerprint() + ("+hooked" if hooked else "")
+        if not hooked and self._cache_valid(fp):
+            self._fingerprint = fp
             return self
+        if hooked:
+            warnings.warn(
+                "hooks are attached to the model, so the activation cache in "
+                f"{str(self.cache_dir)!r} can be neither reused nor trusted later; "
+                "harvesting afresh (remove the hooks to cache clean activations)",
+                stacklevel=3,
+            )
         meta_path = self._meta_path()
         if meta_path.exists():
             meta_path.unlink()  # stale: invalidate before rewriting shards
+        for h in self.hook_names:  # shards of an earlier, longer harvest must not linger
+            for old in self._shard_path(h, 0).parent.glob("shard_*.safetensors"):
+                old.unlink()
         rows: list[int] = []
         for i, acts in enumerate(self._harvest_iter()):
             for h, a in acts.items():
@@ -314,7 +364,28 @@ class ActivationStore:
         text = json.dumps(meta, indent=2)
         atomic_write(meta_path, lambda p: Path(p).write_text(text))
         self._shard_rows = rows
+        self._fingerprint = fp
         return self
+
+    def _harvest_to_memory(self) -> dict[str, list[Tensor]]:
+        """Every hook's activations in one preallocated ``[N, d_in]`` tensor (no second copy
+        at the end), kept as per-forward chunks that are views of it."""
+        full: dict[str, Tensor] = {}
+        chunks: dict[str, list[Tensor]] = {h: [] for h in self.hook_names}
+        at = 0
+        for acts in self._harvest_iter():
+            for h, a in acts.items():
+                if h not in full:
+                    full[h] = torch.empty(self.n_tokens, a.shape[1], dtype=a.dtype,
+                                          device=a.device)
+                    self._d_in[h] = a.shape[1]
+                view = full[h][at : at + a.shape[0]]
+                view.copy_(a)
+                chunks[h].append(view)
+            at += next(iter(acts.values())).shape[0]
+        assert at == self.n_tokens
+        self._full = full
+        return chunks
 
     # ------------------------------------------------------------------- serving
     def _check_hook(self, hook: str) -> None:
@@ -340,13 +411,17 @@ class ActivationStore:
     def _chunk(self, hook: str, i: int) -> Tensor:
         if self._memory is not None:
             return self._memory[hook][i]
+        self._check_cache_unchanged()
         return load_activations(self._shard_path(hook, i)).to(self.device)
 
     def activations(self, hook_name: str | None = None) -> Float[Tensor, "n d_in"]:
-        """All harvested activations of ``hook_name`` as ``[N, d_in]``, in token order."""
+        """All harvested activations of ``hook_name`` as ``[N, d_in]``, in token order. For
+        an in-memory store this is the store's own tensor (no copy): do not modify it."""
         hook = self._only_hook() if hook_name is None else hook_name
         self._check_hook(hook)
         n = self._n_chunks()
+        if self._memory is not None:
+            return self._full[hook]
         parts = [self._chunk(hook, i) for i in range(n)]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
@@ -354,21 +429,46 @@ class ActivationStore:
         n = self.n_tokens
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _batches(self, hook: str) -> Iterator[Tensor]:
+    def epoch_batches(self, epoch: int) -> Iterator[Tensor]:
+        """The batches of pass number ``epoch`` (0, 1, …) over the store's one hook: the same
+        batches every time it is asked for, whatever was iterated before (``train_sae`` uses
+        it to resume a run exactly). Plain iteration serves passes 0, 1, 2, … in turn."""
+        return self._batches(self._only_hook(), epoch)
+
+    def _pass_seed(self, hook: str, epoch: int) -> int:
+        key = f"{self.seed}/{hook}/{epoch}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+
+    def _batches(self, hook: str, epoch: int | None = None) -> Iterator[Tensor]:
         self._check_hook(hook)
+        if epoch is None:
+            epoch = self._passes.get(hook, 0)
+            self._passes[hook] = epoch + 1
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        return self._pass(hook, epoch)
+
+    def _pass(self, hook: str, epoch: int) -> Iterator[Tensor]:
         n_chunks = self._n_chunks()
-        gen = torch.Generator().manual_seed(self.seed + self._epoch)
-        self._epoch += 1
+        gen = torch.Generator().manual_seed(self._pass_seed(hook, epoch))
+        bs = self.batch_size
+        if self._memory is not None and self.buffer_size is None:
+            # everything is in memory: one permutation, each batch gathered from the store's
+            # tensor (no shuffled copy of the whole data)
+            data = self._full[hook]
+            n = data.shape[0]
+            perm = torch.randperm(n, generator=gen).to(data.device) if self.shuffle else None
+            stop = n - n % bs if self.drop_last else n
+            for j in range(0, stop, bs):
+                yield data[perm[j : j + bs]] if perm is not None else data[j : j + bs].clone()
+            return
         order = torch.randperm(n_chunks, generator=gen).tolist() if self.shuffle else range(
             n_chunks)
         if self.buffer_size is not None:
             cap = self.buffer_size
-        elif self._memory is not None:
-            cap = self.n_tokens
         else:
             cap = 64 * self.batch_size
         cap = max(cap, self.batch_size)
-        bs = self.batch_size
         buffer: list[Tensor] = []
         n_buf = 0
         for i in order:

@@ -9,9 +9,13 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_mdl.hooks import attach_sae
-from tl_mdl.hooks.attach import check_hook_name, check_sae_fits, is_sae_lens_sae
+from tl_mdl.hooks.attach import (
+    check_hook_name,
+    check_sae_fits,
+    flatten_heads,
+    is_sae_lens_sae,
+)
 from tl_mdl.hooks.losses import check_tokens
-from tl_mdl.hooks.store import _flat
 from tl_mdl.metrics.core import (
     ce_loss_recovered,
     dead_fraction,
@@ -99,8 +103,10 @@ def evaluate(
         ``{hook_name: metrics}`` with ``fvu``, ``explained_variance`` (see
         :mod:`tl_mdl.metrics.core`), ``l0``, ``dead_fraction``, ``dense_fraction``,
         ``ce_loss_clean``, ``ce_loss_spliced``, ``ce_loss_zero_ablated``, ``ce_loss_recovered``,
-        ``kl_clean_spliced`` (nats/token), ``dl_bits_per_token``, ``dl_bin_width``,
-        ``dl_l0``, ``n_tokens``.
+        ``kl_clean_spliced`` (nats/token), ``dl_bits_per_token``, ``dl_bits_per_input``,
+        ``dl_bin_width``, ``dl_l0``, ``n_tokens``. Reconstruction metrics, ``l0`` and
+        ``dl_bits_per_input`` are per SAE input; for a per-head ``hook_z`` SAE (``d_in =
+        d_head``) a token has ``n_heads`` inputs, and ``dl_bits_per_token`` is their sum.
     """
     tokens = check_tokens(model, tokens)
     resolved = resolve_saes(saes)
@@ -132,7 +138,8 @@ def evaluate(
         clean_logp = clean.double().log_softmax(-1)
         n_kl += clean.shape[0] * clean.shape[1]
         for h, sae in resolved.items():
-            acts[h].append(_flat(got[h]).cpu())
+            d_in = sae.cfg.d_in  # hook_z: heads flattened, or one head's d_head per row
+            acts[h].append(flatten_heads(got[h], d_in, h).reshape(-1, d_in).cpu())
             with attach_sae(model, h, sae):
                 spliced = model(toks)
             sums[h]["ce_spliced"] += _nll_sum(spliced, toks)[0]
@@ -160,14 +167,16 @@ def evaluate(
             "ce_loss_zero_ablated": c_zero,
             "ce_loss_recovered": ce_loss_recovered(c_clean, c_spliced, c_zero),
             "kl_clean_spliced": sums[h]["kl"] / n_kl,
-            "n_tokens": float(x.shape[0]),
+            "n_tokens": float(tokens.numel()),
         }
+        rows_per_token = x.shape[0] // tokens.numel()  # n_heads for a per-head hook_z SAE
         if description_length:
             from tl_mdl.mdl import description_length as _dl
 
             rep = _dl(sae, x, loss="kl", model=model, hook_name=h, tokens=tokens,
                       **(dl_kwargs or {}))
-            r["dl_bits_per_token"] = rep.bits_per_input
+            r["dl_bits_per_token"] = rep.bits_per_input * rows_per_token
+            r["dl_bits_per_input"] = rep.bits_per_input
             r["dl_bin_width"] = rep.bin_width
             r["dl_l0"] = rep.l0
         results[h] = r

@@ -7,7 +7,8 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,32 +56,63 @@ class TrainResult:
 
 
 class _Batches:
-    """Deterministic batches: a Tensor is reshuffled each epoch from ``(seed, epoch)``, so
-    step ``s`` always sees the same batch (resume = uninterrupted run); an iterable is
-    consumed in order (on resume the first ``s`` batches are skipped)."""
+    """Deterministic batches, so a resumed run sees the batches an uninterrupted one would:
+
+    - a Tensor is reshuffled each epoch from ``(seed, epoch)``: step ``s`` is a function of
+      ``(seed, s)``;
+    - an iterable with ``len()`` and ``epoch_batches(e)`` (``ActivationStore``) is served pass
+      by pass: step ``s`` is batch ``s % len`` of pass ``s // len``;
+    - any other iterable is consumed in order, and iterated again when it runs out if it has
+      a ``len()`` (a new pass); on resume the first ``s`` batches are skipped.
+    """
 
     def __init__(self, data: Tensor | Iterable[Tensor], batch_size: int, seed: int):
         self.data, self.batch_size, self.seed = data, batch_size, seed
         if isinstance(data, Tensor):
             n = data.shape[0]
-            self.per_epoch = max(n // batch_size, 1)
+            self.per_epoch: int | None = max(n // batch_size, 1)
+        elif isinstance(data, Sized) and len(data) > 0:
+            self.per_epoch = len(data)
         else:
             self.per_epoch = None
         self._it: Iterator[Tensor] | None = None
+        self._pass: tuple[int, Iterator[Tensor]] | None = None
         self._epoch_perm: tuple[int, Tensor] | None = None
 
     def get(self, step: int) -> Tensor:
         if isinstance(self.data, Tensor):
+            assert self.per_epoch is not None
             epoch, b = divmod(step, self.per_epoch)
             if self._epoch_perm is None or self._epoch_perm[0] != epoch:
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                 self._epoch_perm = (epoch, torch.randperm(self.data.shape[0], generator=g))
             idx = self._epoch_perm[1][b * self.batch_size : (b + 1) * self.batch_size]
             return self.data[idx]
+        if self.per_epoch is not None and hasattr(self.data, "epoch_batches"):
+            epoch, b = divmod(step, self.per_epoch)
+            if self._pass is None or self._pass[0] != epoch:
+                it = iter(self.data.epoch_batches(epoch))
+                for _ in range(b):  # resume in the middle of a pass
+                    next(it)
+                self._pass = (epoch, it)
+            try:
+                return next(self._pass[1])
+            except StopIteration:
+                raise StopIteration from None
         if self._it is None:
             self._it = iter(self.data)
             for _ in range(step):  # resume: skip what was consumed
-                next(self._it)
+                self._next()
+        return self._next()
+
+    def _next(self) -> Tensor:
+        assert self._it is not None
+        try:
+            return next(self._it)
+        except StopIteration:
+            if self.per_epoch is None:
+                raise StopIteration from None
+        self._it = iter(self.data)  # a sized iterable: start another pass
         try:
             return next(self._it)
         except StopIteration:
@@ -379,6 +411,13 @@ def train_sae(
                 try:
                     x = batches.get(step)  # the global batch (the same on every rank)
                 except StopIteration:
+                    warnings.warn(
+                        f"the activations ran out after {step} batches, before steps={total}; "
+                        f"training stopped at step {step} (the learning-rate schedule was set "
+                        f"for {total} steps). Pass steps <= {step}, or activations that can "
+                        "be iterated again (a Tensor, an ActivationStore, a list)",
+                        RuntimeWarning, stacklevel=2,
+                    )
                     break
                 _check_batch(x, cfg.d_in, step)
                 x = x.to(sae.W_enc.device, sae.W_enc.dtype)
