@@ -535,3 +535,17 @@ def test_splice_trains_biases_of_a_frozen_encoder():
     ref.square().mean().backward()
     assert got.abs().sum() > 0
     torch.testing.assert_close(got, sae.b_enc.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_heads_are_flattened_only_at_head_hooks(model, tokens):
+    """At a hook without a head axis, trailing dims whose product is d_in are not mixed."""
+    hook = "blocks.0.ln1.hook_scale"  # [batch, pos, 1]
+    sae = random_sae(tokens.shape[1])  # d_in = pos · 1
+    with attach_sae(model, hook, sae), pytest.raises(ValueError, match="does not fit an SAE"):
+        model(tokens)
+    assert torch.equal(model(tokens), model(tokens))  # detached on the error
+
+
+def test_topk_k_must_be_a_real_int():
+    with pytest.raises(ValueError, match="needs an int k"):
+        SAEConfig(d_in=4, d_sae=8, activation="topk", k=True)

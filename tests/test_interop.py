@@ -100,7 +100,12 @@ def test_sae_lens_loads_tl_mdl_save(tmp_path, hook, d_in, activation):
     sae.save(tmp_path)
     sl = SLSAE.load_from_disk(tmp_path)
     x = torch.randn(7, d_in, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(sl.decode(sl.encode(x)), sae(x), atol=1e-6, rtol=1e-6)
+    if sl.cfg.reshape_activations == "hook_z":  # SAELens takes [..., n_heads, d_head] there
+        assert hook.endswith("hook_z") and d_in == 16
+        out = sl.decode(sl.encode(x.unflatten(-1, (2, 8)))).flatten(-2)
+    else:
+        out = sl.decode(sl.encode(x))
+    torch.testing.assert_close(out, sae(x), atol=1e-6, rtol=1e-6)
 
 
 def _sl_sae(arch: str, d_in=16, d_sae=40, **cfg):
@@ -178,3 +183,49 @@ def test_mdl_training_architecture_in_sae_lens_trainer(tmp_path):
     assert type(SLSAE.load_from_disk(tmp_path)).__name__ == "StandardSAE"
     topk = MDLTrainingSAE(MDLTrainingSAEConfig(d_in=8, d_sae=24, k=3))
     assert int((topk.encode(x) != 0).sum(-1).max()) <= 3
+
+
+# ------------------------------------------------------------- hook_z files, both ways
+@pytest.mark.parametrize("d_in", [16, 8])  # heads flattened (2 x 8), or one head
+def test_hook_z_saves_load_in_both_libraries(model, tokens, tmp_path, d_in):
+    hook = "blocks.1.attn.hook_z"
+    sae = random_sae(d_in, hook_name=hook)
+    if d_in == 8:  # a per-head SAE: SAELens must not flatten the heads
+        sae.cfg.metadata["reshape_activations"] = "none"
+    sae.save(tmp_path / "ours")
+    theirs = SLSAE.load_from_disk(str(tmp_path / "ours"))
+    assert theirs.cfg.reshape_activations == ("hook_z" if d_in == 16 else "none")
+    with attach_sae(model, hook, sae):
+        ours_logits = model(tokens)
+    torch.testing.assert_close(sl_logits(model, theirs, tokens), ours_logits)
+    theirs.save_model(str(tmp_path / "sl"))
+    back = SAE.load(tmp_path / "sl")
+    back.cfg.metadata.pop("sae_lens_training_version")  # what SAELens' save adds
+    assert back.cfg == sae.cfg
+    for name, p in sae.state_dict().items():
+        assert torch.equal(back.state_dict()[name], p), name
+    assert from_sae_lens(theirs).cfg == sae.cfg
+    assert to_sae_lens(from_sae_lens(theirs)).cfg.reshape_activations == (
+        theirs.cfg.reshape_activations)
+
+
+def test_a_sae_lens_sae_attaches_at_one_hook_at_a_time(model, tokens):
+    sl = to_sae_lens(random_sae(16))
+    a = "blocks.0.hook_resid_pre"
+    with attach_sae(model, a, sl, mode="observe"):
+        with pytest.raises(RuntimeError, match="already attached at 'blocks.0.hook_resid_pre'"):
+            attach_sae(model, "blocks.1.hook_resid_pre", sl)
+        assert f"{a}.hook_sae_acts_post" in model.hook_dict
+    with attach_sae(model, "blocks.1.hook_resid_pre", sl, mode="observe"):  # free again
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: "acts_post" in n)
+    assert list(cache.keys()) == ["blocks.1.hook_resid_pre.hook_sae_acts_post"]
+
+
+def test_attach_over_sae_lens_add_sae_names_the_fix(model):
+    hook = "blocks.0.hook_resid_pre"
+    model.add_sae(to_sae_lens(random_sae(16, hook_name=hook)))
+    try:
+        with pytest.raises(ValueError, match=r"add_sae.*model.reset_saes\(\)"):
+            attach_sae(model, hook, random_sae(16))
+    finally:
+        model.reset_saes()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -74,6 +75,11 @@ def check_hook_name(model: Any, hook_name: str) -> None:
         )
     if hook_name in model.hook_dict:
         return
+    if f"{hook_name}.hook_sae_input" in model.hook_dict:  # SAELens' HookedSAEWrapper
+        raise ValueError(
+            f"an SAE was added at {hook_name!r} with SAELens' add_sae, which replaced the "
+            "hook point; remove it first (model.reset_saes()) to attach an SAE with tl_mdl"
+        )
     names = sorted(model.hook_dict)
     close = difflib.get_close_matches(hook_name, names, n=5, cutoff=0.6)
     n_layers = getattr(model.cfg, "n_layers", "?")
@@ -106,17 +112,24 @@ def expected_hook_shape(model: Any, hook_name: str) -> tuple[int, ...] | None:
     return None
 
 
-def flatten_heads(x: Tensor, d_in: int, hook_name: str = "?") -> Tensor:
-    """``[..., d_in]`` unchanged; ``[..., n_heads, d_head]`` with ``n_heads·d_head = d_in``
-    flattened to ``[..., d_in]`` (SAELens's hook_z convention)."""
+#: Hooks whose activations carry a head axis ``[..., n_heads, d]``.
+HEAD_HOOKS = ("hook_z", "hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_result")
+
+
+def flatten_heads(x: Tensor, d_in: int, hook_name: str) -> Tensor:
+    """``[..., d_in]`` unchanged; at a head-indexed hook (:data:`HEAD_HOOKS`),
+    ``[..., n_heads, d_head]`` with ``n_heads·d_head = d_in`` flattened to ``[..., d_in]``
+    (SAELens's hook_z convention). Any other shape raises (never mixes other axes)."""
     if x.shape[-1] == d_in:
         return x
-    if x.ndim >= 2 and x.shape[-2] * x.shape[-1] == d_in:
+    heads = hook_name.rsplit(".", 1)[-1] in HEAD_HOOKS
+    if heads and x.ndim >= 2 and x.shape[-2] * x.shape[-1] == d_in:
         return x.flatten(-2)
     raise ValueError(
-        f"activation at {hook_name!r} has shape {tuple(x.shape)}, which fits neither an SAE "
-        f"with d_in={d_in} on the last dim nor on the flattened heads "
-        f"(n_heads·d_head = {x.shape[-2] * x.shape[-1] if x.ndim >= 2 else 'n/a'})"
+        f"activation at {hook_name!r} has shape {tuple(x.shape)}, which does not fit an SAE "
+        f"with d_in={d_in}: the last dim is {x.shape[-1]}"
+        + (f", the flattened heads {x.shape[-2] * x.shape[-1]}" if heads and x.ndim >= 2
+           else "")
     )
 
 
@@ -307,6 +320,11 @@ class _SAELensKernel(_Kernel):
 
 
 # ------------------------------------------------------------------------- handle
+#: sae_lens SAEs attached somewhere -> their hook name: a sae_lens SAE brings its own hook
+#: points, which can be children of one model hook only.
+_SAE_LENS_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class SAEHandle:
     """An SAE attached to one hook point. Context manager; :meth:`detach` restores the model.
 
@@ -346,6 +364,15 @@ class SAEHandle:
                 f"an SAE is already attached at {self.hook_name!r}; detach it first "
                 "(handle.detach() or leave its `with` block)"
             )
+        if self._saelens:
+            where = _SAE_LENS_ATTACHED.get(self.sae)
+            if where is not None:
+                raise RuntimeError(
+                    f"this sae_lens.SAE is already attached at {where!r}; its own hook points "
+                    "can sit under one hook only. Attach a copy (copy.deepcopy(sae)) or "
+                    "tl_mdl.from_sae_lens(sae), or detach it first"
+                )
+            _SAE_LENS_ATTACHED[self.sae] = self.hook_name
         for name, point in self.hook_points.items():
             hp.add_module(name, point)
         self._torch_handle = hp.register_forward_hook(self._forward_hook, prepend=True)
@@ -365,6 +392,8 @@ class SAEHandle:
             self._hp._modules.pop(name, None)
         for name, old in self._saved_names.items():
             self.hook_points[name].name = old
+        if self._saelens:
+            _SAE_LENS_ATTACHED.pop(self.sae, None)
         self.latents = None
         if isinstance(self._kernel, _TlMdlKernel):
             self._kernel.release()

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from tl_mdl.mdl import DEFAULT_TOLERANCE
 from tl_mdl.sae import SAE, SAEConfig
-from tl_mdl.sae.config import dtype_to_str
+from tl_mdl.sae.config import dtype_to_str, sae_lens_reshape
 
 try:  # SAELens is optional at import time; the functions below raise if it is missing.
     import sae_lens
@@ -134,6 +134,9 @@ def from_sae_lens(sae: Any, *, norm_scaling_factor: float | None = None) -> SAE:
         apply_b_dec_to_input=cfg.apply_b_dec_to_input, hook_name=hook_name,
         dtype=dtype_to_str(W_enc.dtype), device=str(W_enc.device), metadata=_jsonable(meta),
     )
+    reshape = getattr(cfg, "reshape_activations", "none") or "none"
+    if reshape != sae_lens_reshape(new_cfg):  # e.g. per head at hook_z: kept for to_sae_lens
+        new_cfg.metadata["reshape_activations"] = reshape
     out = SAE(new_cfg)
     out.W_enc.copy_(W_enc)
     out.b_enc.copy_(b_enc)
@@ -161,6 +164,7 @@ def to_sae_lens(sae: SAE) -> Any:
         )
     meta = dict(copy.deepcopy(c.metadata))
     meta.pop("sae_lens_normalize_activations", None)
+    meta.pop("reshape_activations", None)
     if c.hook_name is not None:
         meta["hook_name"] = c.hook_name
     d = {
@@ -168,7 +172,7 @@ def to_sae_lens(sae: SAE) -> Any:
         "d_in": c.d_in, "d_sae": c.d_sae, "dtype": c.dtype, "device": c.device,
         "apply_b_dec_to_input": c.apply_b_dec_to_input,
         "normalize_activations": "none",
-        "reshape_activations": "hook_z" if (c.hook_name or "").endswith("hook_z") else "none",
+        "reshape_activations": sae_lens_reshape(c),
         "metadata": meta,
     }
     if c.activation == "topk":

@@ -32,6 +32,18 @@ def dtype_from_str(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
+def _default_reshape(hook_name: str | None) -> str:
+    return "hook_z" if (hook_name or "").endswith("hook_z") else "none"
+
+
+def sae_lens_reshape(cfg: Any) -> str:
+    """SAELens' ``reshape_activations`` for a tl_mdl config: ``"hook_z"`` (flatten the heads)
+    for an SAE at a ``hook_z`` hook, ``"none"`` elsewhere, unless the config recorded
+    another value (``metadata["reshape_activations"]``, e.g. a per-head SAE read from a
+    SAELens file)."""
+    return cfg.metadata.get("reshape_activations") or _default_reshape(cfg.hook_name)
+
+
 def dtype_to_str(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -88,7 +100,8 @@ class SAEConfig:
                 f"use one of {sorted(ARCHITECTURE_OF_ACTIVATION)}"
             )
         if self.activation == "topk":
-            if self.k is None or not isinstance(self.k, int) or not 0 < self.k <= self.d_sae:
+            k = self.k
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= self.d_sae:
                 raise ValueError(
                     f"activation='topk' needs an int k with 0 < k <= d_sae={self.d_sae}, "
                     f"got k={self.k!r}"
@@ -121,7 +134,8 @@ class SAEConfig:
         d["architecture"] = self.architecture
         # SAELens config fields with their neutral values.
         d["normalize_activations"] = "none"
-        d["reshape_activations"] = "none"
+        d["reshape_activations"] = metadata.pop("reshape_activations", None) or (
+            sae_lens_reshape(self))
         if self.activation != "topk":
             d.pop("k")
         return d
@@ -138,13 +152,19 @@ class SAEConfig:
                     f"{sorted(ACTIVATION_OF_ARCHITECTURE)}"
                 )
             d["activation"] = ACTIVATION_OF_ARCHITECTURE[arch]
-        for key in ("normalize_activations", "reshape_activations"):
-            value = d.pop(key, "none")
-            if value not in ("none", None):
-                raise ValueError(
-                    f"cfg {key}={value!r} is not supported by tl_mdl.SAE (only 'none'); "
-                    "fold the normalisation into the weights first"
-                )
+        value = d.pop("normalize_activations", "none")
+        if value not in ("none", None):
+            raise ValueError(
+                f"cfg normalize_activations={value!r} is not supported by tl_mdl.SAE (only "
+                "'none'); fold the normalisation into the weights first (tl_mdl.from_sae_lens "
+                "does that for a loaded sae_lens.SAE)"
+            )
+        reshape = d.pop("reshape_activations", "none") or "none"
+        if reshape not in ("none", "hook_z"):
+            raise ValueError(
+                f"cfg reshape_activations={reshape!r} is not supported by tl_mdl.SAE; "
+                "supported: 'none', 'hook_z' (heads flattened, which attach_sae does itself)"
+            )
         metadata = dict(d.get("metadata") or {})
         if d.get("hook_name") is None and metadata.get("hook_name") is not None:
             d["hook_name"] = metadata["hook_name"]
@@ -153,6 +173,8 @@ class SAEConfig:
             metadata.pop("hook_name", None)
         if metadata.get("sae_lens_version") == SAELENS_FORMAT_VERSION:
             metadata.pop("sae_lens_version")
+        if reshape != _default_reshape(d.get("hook_name")):
+            metadata["reshape_activations"] = reshape  # e.g. a per-head SAE at hook_z
         d["metadata"] = metadata
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
