@@ -255,6 +255,30 @@ class _KeyCounter:
         return self.keys, self.counts
 
 
+def _check_finite_latents(sae: Any, lo: float, hi: float, latents: Tensor, row0: int) -> None:
+    """Raise a clear ``ValueError`` when the latents (``lo``/``hi`` their extremes; rows
+    ``row0 + i``) hold NaN/Inf: the activations were checked, so the SAE is at fault."""
+    if math.isfinite(lo) and math.isfinite(hi):
+        return
+    row, feature = (int(v) for v in (~torch.isfinite(latents)).nonzero()[0])
+    value = float(latents[row, feature])
+    bad = [
+        name for name, t in sae.named_parameters()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    weights = (
+        f"non-finite SAE parameters: {', '.join(bad)}" if bad
+        else "the SAE parameters are finite, so the encoder overflowed (weights too large "
+        "for their dtype?)"
+    )
+    raise ValueError(
+        f"the SAE's latents are {value} at row {row0 + row}, feature {feature}, although the "
+        f"activations are finite; {weights}. Check the SAE weights (W_enc / b_enc, e.g. a "
+        "training run that diverged or a damaged file) before measuring its description "
+        "length"
+    )
+
+
 def _sample_rows(n: int, k: int, device) -> Tensor:
     """``min(n, k)`` distinct rows, reproducibly (seeded), sorted."""
     if n <= k:
@@ -281,9 +305,10 @@ class _QuantizedFVU:
         self.W = sae.W_dec.detach()
         self.resid = x.to(latents.device, self.W.dtype) - sae.b_dec.detach()  # x − b_dec
         self.tv = total_variance(x) if tv is None else tv
-        lo, hi = torch.aminmax(latents)
-        self.nonneg = bool(lo >= 0)
-        self.abs_max = max(-float(lo), float(hi))
+        lo, hi = (float(t) for t in torch.aminmax(latents))
+        _check_finite_latents(sae, lo, hi, latents, 0)
+        self.nonneg = lo >= 0
+        self.abs_max = max(-lo, hi)
         self._cand: _Candidates | None = None
         self.n_nonzero = sum(  # per row block: small temporaries
             int(torch.count_nonzero(b != 0)) for b in latents.split(_block_rows(self.n, self.f))
@@ -381,8 +406,9 @@ class _StreamedQuantizedFVU(_QuantizedFVU):
         self.W = sae.W_dec.detach()
         self.tv = total_variance(x) if tv is None else tv
         sse, nnz, lo, hi = 0.0, 0, math.inf, -math.inf
-        for lat, resid in self._chunks():
+        for i, (lat, resid) in enumerate(self._chunks()):
             a, b = (float(t) for t in torch.aminmax(lat))
+            _check_finite_latents(sae, a, b, lat, i * self.rows)
             lo, hi = min(lo, a), max(hi, b)
             cand = _Candidates(0.0, lat, a >= 0)  # the nonzero latents
             nnz += cand.count
