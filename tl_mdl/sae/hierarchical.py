@@ -24,6 +24,7 @@ Saved like :class:`~tl_mdl.sae.SAE` (``cfg.json`` with ``"architecture":
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -215,7 +216,7 @@ class HierarchicalSAE(SAEBase):
         super().__init__()
         if not isinstance(cfg, HierarchicalSAEConfig):
             raise TypeError(f"HierarchicalSAE needs a HierarchicalSAEConfig, got {type(cfg)}")
-        self.cfg = cfg
+        self.cfg = cfg = copy.deepcopy(cfg)  # the SAE's own: the caller's is never changed
         self._make_parameters()
         pi = hierarchy_parent_index(cfg.n_parents, cfg.children_per_parent)
         self.register_buffer("parent_index", pi.to(cfg.device), persistent=False)
