@@ -4,6 +4,7 @@ per grid point, NaN latents in the DL scorer, and ``cfg`` following ``sae.to(...
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -22,6 +23,7 @@ from tl_mdl import (
     HierarchicalSAEConfig,
     SAEConfig,
     description_length,
+    train_sae,
 )
 
 
@@ -112,11 +114,62 @@ def test_folders_without_the_hash_still_load(tmp_path):
 
 
 # ------------------------------------------------------------ 2. the caller's config
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_training_leaves_the_callers_config_alone(tmp_path, hierarchical):
+    x = _data()
+    cfg = (HierarchicalSAEConfig(d_in=8, n_parents=3, children_per_parent=1) if hierarchical
+           else SAEConfig(d_in=8, d_sae=16))
+    before = copy.deepcopy(cfg)
+    a = train_sae(x, cfg, "l1", **TRAIN)
+    assert cfg == before and cfg.metadata == {}
+    assert a.cfg is not cfg
+    b = train_sae(x, cfg, "mdl", **{**TRAIN, "steps": 5, "lr": 5e-3})
+    assert cfg == before
+    assert {k: a.cfg.metadata["training"][k] for k in ("objective", "lr", "steps")} == {
+        "objective": "l1", "lr": 3e-3, "steps": 8}
+    assert {k: b.cfg.metadata["training"][k] for k in ("objective", "lr", "steps")} == {
+        "objective": "mdl", "lr": 5e-3, "steps": 5}
+    # a config carrying an earlier run's metadata resumes that run's checkpoint
+    ck = tmp_path / "ck"
+    first = train_sae(x, cfg, "l1", checkpoint_dir=ck, checkpoint_every=4, **TRAIN)
+    again = train_sae(x, first.cfg, "l1", checkpoint_dir=ck, **{**TRAIN, "steps": 12})
+    assert again.cfg.metadata["training"]["steps"] == 12
+    assert not _bitwise_equal(again, first)  # trained on from step 8
+
+
 def test_cfg_of_an_sae_is_a_copy():
     cfg = SAEConfig(d_in=4, d_sae=8)
     sae = SAE(cfg)
     sae.cfg.metadata["x"] = 1
     assert cfg.metadata == {}
+
+
+# ---------------------------------------------------------------- 3. resume settings
+def test_resume_refuses_other_training_settings(tmp_path):
+    x, cfg, ck = _data(), SAEConfig(d_in=8, d_sae=16), tmp_path / "ck"
+    train_sae(x, cfg, "l1", sparsity=0.01, checkpoint_dir=ck, checkpoint_every=4, **TRAIN)
+    for change, field in [({"sparsity": 10.0}, "sparsity"), ({"lr": 1e-2}, "lr"),
+                          ({"seed": 1}, "seed"), ({"batch_size": 32}, "batch_size"),
+                          ({"lr_decay_frac": 0.0}, "lr_decay_frac")]:
+        kw = {**TRAIN, "sparsity": 0.01, **change}
+        with pytest.raises(ValueError, match=rf"other settings \({field}=.*checkpoint_dir"):
+            train_sae(x, cfg, "l1", checkpoint_dir=ck, **kw)
+    with pytest.raises(ValueError, match="objective='l1' there, 'mdl' here"):
+        train_sae(x, cfg, "mdl", sparsity=0.01, checkpoint_dir=ck, **TRAIN)
+    # resume=False starts over; steps / checkpoint_every / log_every may change
+    fresh = train_sae(x, cfg, "l1", sparsity=10.0, checkpoint_dir=ck, resume=False, **TRAIN)
+    ref = train_sae(x, cfg, "l1", sparsity=10.0, **TRAIN)
+    assert _bitwise_equal(fresh, ref)
+    longer = dict(TRAIN, steps=16, log_every=3)
+    train_sae(x, cfg, "l1", sparsity=10.0, checkpoint_dir=ck, checkpoint_every=2, **longer)
+
+
+def test_resume_with_more_steps_before_the_decay_matches_an_uninterrupted_run(tmp_path):
+    x, cfg, ck = _data(), SAEConfig(d_in=8, d_sae=16), tmp_path / "ck"
+    kw = dict(TRAIN, lr_decay_frac=0.0)
+    train_sae(x, cfg, "l1", checkpoint_dir=ck, **kw)
+    resumed = train_sae(x, cfg, "l1", checkpoint_dir=ck, **{**kw, "steps": 14})
+    assert _bitwise_equal(resumed, train_sae(x, cfg, "l1", **{**kw, "steps": 14}))
 
 
 # -------------------------------------------------------------------- 5. NaN latents

@@ -9,7 +9,7 @@ import signal
 import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sized
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,39 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 50
+
+
+#: TrainConfig fields a resumed run may change: they do not change the steps already taken
+#: (``steps`` / ``epochs`` set where training ends; with ``lr_decay_frac > 0`` the decay then
+#: follows the new length from the checkpoint on, so the result equals an uninterrupted run
+#: of the new length only when the checkpoint lies before the decay of both schedules).
+RESUME_MAY_DIFFER = ("steps", "epochs", "checkpoint_every", "log_every")
+
+
+def _check_resumable(ckpt: Path, meta: dict[str, Any], cfg: Any, tc: TrainConfig) -> None:
+    """Raise unless the checkpoint ``meta`` continues this run: the same SAE config (its
+    ``metadata`` aside) and the same training settings but :data:`RESUME_MAY_DIFFER`."""
+    saved = type(cfg).from_dict(meta["sae_cfg"])
+    if replace(saved, metadata={}) != replace(cfg, metadata={}):
+        a, b = asdict(replace(saved, metadata={})), asdict(replace(cfg, metadata={}))
+        diff = ", ".join(f"{k}={a[k]!r} there, {b[k]!r} here" for k in a if a[k] != b.get(k))
+        raise ValueError(
+            f"checkpoint in {ckpt} is for a different SAE config ({diff}); pass another "
+            "checkpoint_dir, or resume=False to start over (overwriting it)"
+        )
+    saved_tc, now = meta.get("train_cfg") or {}, asdict(tc)
+    diff = [
+        f"{k}={saved_tc[k]!r} there, {now[k]!r} here"
+        for k in now
+        if k in saved_tc and k not in RESUME_MAY_DIFFER and saved_tc[k] != now[k]
+    ]
+    if diff:
+        raise ValueError(
+            f"checkpoint in {ckpt} was trained with other settings ({'; '.join(diff)}); "
+            "resuming it would mix two runs. Pass another checkpoint_dir, or resume=False "
+            "to start over (overwriting it). Only "
+            f"{', '.join(RESUME_MAY_DIFFER)} may change on resume"
+        )
 
 
 @dataclass
@@ -300,10 +333,15 @@ def train_sae(
     With ``checkpoint_dir``, the full training state is written atomically every
     ``checkpoint_every`` steps and on Ctrl-C; with ``resume=True`` a run restarts from it and
     reaches the same weights as an uninterrupted run (Tensor input: batches are a function of
-    ``(seed, step)``). Non-finite activations or losses stop training with
-    ``FloatingPointError``, keeping the last checkpoint; so do non-finite gradients or
-    weights (checked before and after each update). Returns the SAE (or a
-    :class:`TrainResult` with the loss history when ``return_history=True``).
+    ``(seed, step)``). A checkpoint of another SAE config or other training settings raises
+    ``ValueError`` (use another ``checkpoint_dir``, or ``resume=False`` to overwrite it);
+    only ``steps``, ``epochs``, ``checkpoint_every`` and ``log_every`` may change, e.g. to
+    train further (see :data:`RESUME_MAY_DIFFER` for the learning-rate decay). Non-finite
+    activations or losses stop training with ``FloatingPointError``, keeping the last
+    checkpoint; so do non-finite gradients or weights (checked before and after each
+    update). Returns the SAE (or a :class:`TrainResult` with the loss history when
+    ``return_history=True``); its ``cfg`` is a copy of ``cfg`` with this run's settings in
+    ``metadata["training"]`` (``cfg`` itself is not changed).
 
     Data-parallel (``distributed=None``: whenever a ``torch.distributed`` process group with
     several ranks is initialised, e.g. under ``torchrun``; see
@@ -363,11 +401,7 @@ def train_sae(
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None and resume and has_checkpoint(ckpt):
         meta, tensors = load_checkpoint(ckpt)
-        if type(cfg).from_dict(meta["sae_cfg"]) != cfg:
-            raise ValueError(
-                f"checkpoint in {ckpt} is for a different SAE config; pass resume=False or "
-                "another checkpoint_dir"
-            )
+        _check_resumable(ckpt, meta, cfg, tc)
         sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
         osd = {"state": {}, "param_groups": meta["param_groups"]}
         for k, v in tensors.items():
@@ -453,7 +487,7 @@ def train_sae(
     checkpoint(done)
     if data_parallel:
         dist.barrier()  # the final checkpoint exists when any rank returns
-    sae.cfg.metadata.setdefault("training", {k: v for k, v in asdict(tc).items()})
+    sae.cfg.metadata["training"] = asdict(tc)  # this run's settings (sae.cfg is the SAE's own)
     return TrainResult(sae, history) if return_history else sae
 
 
@@ -490,4 +524,11 @@ class _StopRequests:
             signal.signal(sig, old)
 
 
-__all__ = ["train_sae", "TrainConfig", "TrainResult", "save_checkpoint", "load_checkpoint"]
+__all__ = [
+    "train_sae",
+    "TrainConfig",
+    "TrainResult",
+    "save_checkpoint",
+    "load_checkpoint",
+    "RESUME_MAY_DIFFER",
+]
