@@ -23,6 +23,7 @@ from tl_mdl import (
     HierarchicalSAEConfig,
     SAEConfig,
     description_length,
+    sweep,
     train_sae,
 )
 
@@ -170,6 +171,86 @@ def test_resume_with_more_steps_before_the_decay_matches_an_uninterrupted_run(tm
     train_sae(x, cfg, "l1", checkpoint_dir=ck, **kw)
     resumed = train_sae(x, cfg, "l1", checkpoint_dir=ck, **{**kw, "steps": 14})
     assert _bitwise_equal(resumed, train_sae(x, cfg, "l1", **{**kw, "steps": 14}))
+
+
+def test_sweep_gives_each_grid_point_its_own_checkpoint(tmp_path):
+    x = _data()
+    table = sweep(x, widths=[16], sparsities=[0.01, 10.0], objective="l1",
+                  checkpoint_dir=tmp_path / "ck", **TRAIN)
+    for row in table:
+        ref = train_sae(x, SAEConfig(d_in=8, d_sae=16), "l1", sparsity=row["sparsity"],
+                        **TRAIN)
+        assert _bitwise_equal(row["sae"], ref)
+        assert (tmp_path / "ck" / f"w16_s{row['sparsity']:g}" / "train_state.json").is_file()
+    assert not _bitwise_equal(table[0]["sae"], table[1]["sae"])
+    # different widths no longer collide on one checkpoint
+    topk = sweep(x, widths=[16, 32], sparsities=[2], objective="topk",
+                 checkpoint_dir=tmp_path / "ck_topk", **TRAIN)
+    assert [r["width"] for r in topk] == [16, 32]
+    # a rerun resumes each point's finished checkpoint: the same SAEs
+    again = sweep(x, widths=[16], sparsities=[0.01, 10.0], objective="l1",
+                  checkpoint_dir=tmp_path / "ck", **TRAIN)
+    assert all(_bitwise_equal(a["sae"], b["sae"]) for a, b in zip(table, again, strict=True))
+
+
+# ------------------------------------------------------------------ 4. sweep resume
+def test_sweep_rerun_reuses_only_rows_with_the_same_settings(tmp_path):
+    x = _data()
+    kw = dict(widths=[16], sparsities=[2], objective="topk", out_dir=tmp_path, **TRAIN)
+    first = sweep(x, tolerance=0.01, **kw)[0]
+    same = sweep(x, tolerance=0.01, **kw)[0]
+    assert same["train_seconds"] == first["train_seconds"]  # reused as is
+    assert same["bits_per_input"] == first["bits_per_input"]
+    # another tolerance: the same SAE (not retrained), scored again
+    loose = sweep(x, tolerance=0.2, **kw)[0]
+    truth = description_length(first["sae"], x, tolerance=0.2)
+    assert loose["train_seconds"] == first["train_seconds"]
+    assert _bitwise_equal(loose["sae"], first["sae"])
+    assert (loose["bin_width"], loose["bits_per_input"]) == (truth.bin_width,
+                                                             truth.bits_per_input)
+    stored = json.loads((tmp_path / "w16_s2" / "scores.json").read_text())
+    assert stored["bin_width"] == truth.bin_width
+    assert stored["settings"]["score"]["tolerance"] == 0.2
+    # another eval set: scored again on it
+    ev = _data(seed=1)
+    other = sweep(x, tolerance=0.2, eval_activations=ev, **kw)[0]
+    assert other["bits_per_input"] == description_length(first["sae"], ev,
+                                                         tolerance=0.2).bits_per_input
+    # another objective / learning rate / training data: trained again
+    l1 = sweep(x, **{**kw, "objective": "l1"})[0]
+    assert l1["objective"] == "l1" and l1["sae"].cfg.activation == "relu"
+    fast = sweep(x, **{**kw, "lr": 1e-2})[0]
+    ref = train_sae(x, SAEConfig(d_in=8, d_sae=16, activation="topk", k=2), "topk",
+                    sparsity=2.0, **{**TRAIN, "lr": 1e-2})
+    assert _bitwise_equal(fast["sae"], ref)
+    x2 = _data(seed=2)
+    moved = sweep(x2, **{**kw, "lr": 1e-2})[0]
+    ref2 = train_sae(x2, SAEConfig(d_in=8, d_sae=16, activation="topk", k=2), "topk",
+                     sparsity=2.0, **{**TRAIN, "lr": 1e-2})
+    assert _bitwise_equal(moved["sae"], ref2)
+    # arguments that do not change the SAE keep the row
+    kept = sweep(x2, **{**kw, "lr": 1e-2, "log_every": 1, "checkpoint_every": 3})[0]
+    assert kept["train_seconds"] == moved["train_seconds"]
+
+
+def test_sweep_rows_without_settings_are_recomputed(tmp_path):
+    x = _data()
+    kw = dict(widths=[16], sparsities=[2], objective="topk", out_dir=tmp_path, **TRAIN)
+    first = sweep(x, **kw)[0]
+    scores = tmp_path / "w16_s2" / "scores.json"
+    row = json.loads(scores.read_text())
+    del row["settings"]  # as written by an older tl_mdl
+    row["bits_per_input"] = -1.0
+    scores.write_text(json.dumps(row))
+    again = sweep(x, **kw)[0]
+    assert again["bits_per_input"] == first["bits_per_input"]
+    assert "settings" in json.loads(scores.read_text())
+    # an SAE that no longer loads (a truncated file) is trained again
+    weights = tmp_path / "w16_s2" / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    third = sweep(x, **kw)[0]
+    assert _bitwise_equal(third["sae"], first["sae"])
+    assert _bitwise_equal(SAE.load(tmp_path / "w16_s2"), first["sae"])
 
 
 # -------------------------------------------------------------------- 5. NaN latents

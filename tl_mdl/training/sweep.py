@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -18,7 +20,7 @@ from tl_mdl._io import atomic_write
 from tl_mdl.mdl import DEFAULT_TOLERANCE, description_length, select_mdl, select_mdl_row
 from tl_mdl.sae import SAE, SAEConfig
 from tl_mdl.training import distributed as ddp
-from tl_mdl.training.trainer import train_sae
+from tl_mdl.training.trainer import TrainConfig, train_sae
 
 #: the scalar columns of a sweep table (CSV order)
 COLUMNS = (
@@ -90,22 +92,102 @@ def report_columns(rep: Any) -> dict[str, float]:
     }
 
 
+#: ``train_sae`` arguments that do not change the trained SAE (left out of a row's settings)
+_NOT_SETTINGS = ("checkpoint_dir", "checkpoint_every", "resume", "log_every", "progress")
+#: the key of a row's settings in ``scores.json`` (and in the rows of a table)
+SETTINGS_KEY = "settings"
+
+
+def data_fingerprint(x: Tensor | Iterable[Tensor]) -> str | None:
+    """sha256 of a tensor's shape, dtype and bytes (None for an iterable of batches, which
+    cannot be read twice for free: a rerun does not check it)."""
+    if not isinstance(x, Tensor):
+        return None
+    h = hashlib.sha256(f"{tuple(x.shape)}|{x.dtype}|".encode())
+    flat = x.detach().reshape(-1)
+    for chunk in flat.split(1 << 24):  # 16M elements at a time
+        h.update(chunk.cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def row_settings(
+    cfg: Any,
+    objective: str,
+    sparsity: float,
+    seed: int,
+    train_kwargs: dict[str, Any],
+    tolerance: float,
+    train_data: str | None,
+    eval_data: str | None,
+) -> dict[str, Any]:
+    """What determines a sweep row, as JSON: ``"train"`` (the SAE config, objective,
+    sparsity, seed, the other training settings with their defaults filled in, and the
+    training data's fingerprint) and ``"score"`` (the tolerance and the evaluation data's
+    fingerprint). A rerun reuses a stored row only when both match, and re-scores the
+    stored SAE when only ``"score"`` differs."""
+    tc = asdict(TrainConfig())
+    tc.update({k: v for k, v in train_kwargs.items() if k not in _NOT_SETTINGS})
+    tc.update(objective=objective, sparsity=float(sparsity), seed=seed)
+    for k in _NOT_SETTINGS:
+        tc.pop(k, None)
+    settings = {
+        "train": {"sae_cfg": asdict(cfg), **tc, "data": train_data},
+        "score": {"tolerance": tolerance, "data": eval_data},
+    }
+    return json.loads(json.dumps(settings, default=repr))  # as read back from scores.json
+
+
 def save_scored(folder: Path | None, sae: Any, row: dict[str, Any]) -> None:
     """Save a trained sweep SAE and its scalar row (``scores.json``) into ``folder``."""
     if folder is None:
         return
     sae.save(folder)
-    text = json.dumps(row, indent=2)
+    save_scores(folder, row)
+
+
+def save_scores(folder: Path, row: dict[str, Any]) -> None:
+    """Write a row's scalars (and settings) to ``folder/scores.json``, atomically."""
+    text = json.dumps({k: v for k, v in row.items() if k != "sae"}, indent=2)
     atomic_write(folder / "scores.json", lambda p: p.write_text(text))
 
 
-def load_scored(folder: Path | None, sae_cls: Any) -> dict[str, Any] | None:
-    """The row saved by :func:`save_scored` with its SAE loaded (resume), or None."""
+def load_scored(
+    folder: Path | None, sae_cls: Any, settings: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The row saved by :func:`save_scored` with its SAE loaded (resume), or None.
+
+    With ``settings`` (see :func:`row_settings`) the row is returned only when it was
+    trained with the same ``settings["train"]``; ``row["rescore"]`` is then True when it was
+    scored with other ``settings["score"]`` (keep the SAE, score it again). A row without
+    recorded settings (an older tl_mdl), or whose SAE does not load, is not reused."""
     if folder is None or not (folder / "scores.json").is_file():
         return None
-    row = json.loads((folder / "scores.json").read_text())
+    try:
+        row = json.loads((folder / "scores.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        if settings is not None:
+            return None  # unreadable: train again
+        raise
+    if settings is not None:
+        stored = row.get(SETTINGS_KEY) if isinstance(row, dict) else None
+        if not isinstance(stored, dict) or stored.get("train") != settings["train"]:
+            return None
+        row["rescore"] = stored.get("score") != settings["score"]
+        try:
+            row["sae"] = sae_cls.load(folder)
+        except (OSError, ValueError):  # e.g. a save interrupted by a crash: train again
+            return None
+        return row
     row["sae"] = sae_cls.load(folder)
     return row
+
+
+def checkpoint_subfolder(train_kwargs: dict[str, Any], name: str) -> dict[str, Any]:
+    """``train_kwargs`` with ``checkpoint_dir`` (if given) made ``checkpoint_dir/name``: each
+    grid point resumes its own checkpoint, never another's."""
+    if train_kwargs.get("checkpoint_dir") is None:
+        return train_kwargs
+    return {**train_kwargs, "checkpoint_dir": Path(train_kwargs["checkpoint_dir"]) / name}
 
 
 def _key(width: int, sparsity: float) -> str:
@@ -132,9 +214,13 @@ def sweep(
     ``k > width`` are skipped). Each SAE is scored with ``description_length`` on
     ``eval_activations`` (default: the training activations when they are a Tensor) at
     precision ``tolerance``. With ``out_dir`` every SAE is saved to
-    ``out_dir/w{width}_s{sparsity}/`` with its scores in ``scores.json``, the table to
-    ``out_dir/sweep.csv``, and a rerun reuses what is already there (resume).
-    Extra keyword arguments go to :func:`tl_mdl.train_sae`.
+    ``out_dir/w{width}_s{sparsity}/`` with its scores and settings in ``scores.json``, the
+    table to ``out_dir/sweep.csv``, and a rerun reuses what is already there (resume) when
+    it was made with the same settings (:func:`row_settings`: objective, seed, training
+    arguments, training data; the SAE is re-scored when only the tolerance or the evaluation
+    data changed) and trains it again otherwise. Extra keyword arguments go to
+    :func:`tl_mdl.train_sae`; a ``checkpoint_dir`` among them gets one subfolder per grid
+    point (``checkpoint_dir/w{width}_s{sparsity}/``).
 
     Under ``torch.distributed`` (``distributed=None``: whenever a process group with several
     ranks is initialised) the grid is split across ranks (rank ``r`` trains and scores grid
@@ -159,40 +245,55 @@ def sweep(
     split = ddp.is_distributed() if distributed is None else bool(distributed)
     world, rank = (ddp.world_size(), ddp.rank()) if split else (1, 0)
     mine = list(enumerate(grid))[rank::world]
+    train_data = data_fingerprint(activations)
+    eval_data = (
+        train_data if eval_activations is activations else data_fingerprint(eval_activations)
+    )
     table = SweepTable()
     for index, (width, sp) in tqdm(mine, desc=f"sweep {objective}", disable=not progress):
         folder = out / _key(width, sp) if out is not None else None
-        row = load_scored(folder, SAE)
-        if row is not None:
-            row["grid_index"] = index
-            table.rows.append(row)
-            continue
         if objective == "topk":
             cfg = SAEConfig(d_in=d_in, d_sae=width, activation="topk", k=int(sp))
         else:
             cfg = SAEConfig(d_in=d_in, d_sae=width)
-        start = time.perf_counter()
-        sae = train_sae(
-            activations,
-            cfg,
-            objective,
-            sparsity=float(sp),
-            seed=seed,
-            progress=progress,
-            distributed=False,
-            **train_kwargs,
+        settings = row_settings(
+            cfg, objective, sp, seed, train_kwargs, tolerance, train_data, eval_data
         )
-        seconds = time.perf_counter() - start
+        row = load_scored(folder, SAE, settings)
+        if row is not None and not row.pop("rescore"):
+            row["grid_index"] = index
+            table.rows.append(row)
+            continue
+        if row is not None:  # the SAE is still right; only its scores are stale
+            sae, seconds = row["sae"], row["train_seconds"]
+        else:
+            start = time.perf_counter()
+            sae = train_sae(
+                activations,
+                cfg,
+                objective,
+                sparsity=float(sp),
+                seed=seed,
+                progress=progress,
+                distributed=False,
+                **checkpoint_subfolder(train_kwargs, _key(width, sp)),
+            )
+            seconds = time.perf_counter() - start
         rep = description_length(sae, eval_activations, tolerance=tolerance)
-        row = {
+        row_out = {
             "width": width,
             "sparsity": sp,
             "objective": objective,
             **report_columns(rep),
             "train_seconds": seconds,
             "path": str(folder) if folder is not None else "",
+            SETTINGS_KEY: settings,
         }
-        save_scored(folder, sae, row)
+        if row is not None:
+            save_scores(folder, row_out)  # type: ignore[arg-type]
+        else:
+            save_scored(folder, sae, row_out)
+        row = row_out
         row["sae"] = sae
         row["grid_index"] = index
         table.rows.append(row)
