@@ -26,6 +26,7 @@ from tl_mdl import (
     sweep,
     train_sae,
 )
+from tl_mdl.training.hierarchical import sweep_hierarchical
 
 
 def _data(n: int = 256, d: int = 8, seed: int = 0) -> torch.Tensor:
@@ -191,6 +192,14 @@ def test_sweep_gives_each_grid_point_its_own_checkpoint(tmp_path):
     again = sweep(x, widths=[16], sparsities=[0.01, 10.0], objective="l1",
                   checkpoint_dir=tmp_path / "ck", **TRAIN)
     assert all(_bitwise_equal(a["sae"], b["sae"]) for a, b in zip(table, again, strict=True))
+
+
+def test_hierarchical_sweep_gives_each_grid_point_its_own_checkpoint(tmp_path):
+    x = _data()
+    table = sweep_hierarchical(x, parents=(2,), children=(1,), sparsities=(0.0, 1.0),
+                               checkpoint_dir=tmp_path / "ck", **TRAIN)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["p2_c1_s0", "p2_c1_s1"]
+    assert not _bitwise_equal(table[0]["sae"], table[1]["sae"])
 
 
 # ------------------------------------------------------------------ 4. sweep resume

@@ -36,7 +36,13 @@ from tl_mdl.training.objectives import (
     register_objective,
     surrogate_bin_width,
 )
-from tl_mdl.training.sweep import SweepTable, load_scored, report_columns, save_scored
+from tl_mdl.training.sweep import (
+    SweepTable,
+    checkpoint_subfolder,
+    load_scored,
+    report_columns,
+    save_scored,
+)
 from tl_mdl.training.trainer import TrainResult, train_sae
 
 
@@ -168,7 +174,8 @@ def sweep_hierarchical(
     the training tensor); ``child_topk`` is passed to every config. With ``out_dir`` each
     SAE is saved to ``out_dir/p{P}_c{C}[_k{child_topk}]_s{λ}/`` with ``scores.json``, the
     table to ``out_dir/sweep.csv``, and a rerun reuses what is there. Extra keyword arguments go to
-    :func:`train_hierarchical_sae`."""
+    :func:`train_hierarchical_sae`; a ``checkpoint_dir`` among them gets one subfolder per
+    grid point (named like the ``out_dir`` ones)."""
     if eval_activations is None:
         if not isinstance(activations, Tensor):
             raise ValueError("eval_activations= is required when activations are an iterable")
@@ -181,7 +188,8 @@ def sweep_hierarchical(
     table = HierarchicalSweepTable()
     for p, c, sp in tqdm(grid, desc="sweep hierarchical", disable=not progress):
         tag = f"p{p}_c{c}" + (f"_k{child_topk}" if child_topk is not None else "")
-        folder = out / f"{tag}_s{sp:g}" if out is not None else None
+        name = f"{tag}_s{sp:g}"
+        folder = out / name if out is not None else None
         row = load_scored(folder, HierarchicalSAE)
         if row is not None:
             table.rows.append(row)
@@ -197,7 +205,7 @@ def sweep_hierarchical(
             sparsity=sp,
             seed=seed,
             progress=progress,
-            **train_kwargs,
+            **checkpoint_subfolder(train_kwargs, name),
         )
         seconds = time.perf_counter() - start
         rep = hierarchical_dl_report(sae, eval_activations, tolerance=tolerance)
