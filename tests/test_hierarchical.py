@@ -344,8 +344,9 @@ def test_train_and_sweep(tmp_path):
     assert [(r["n_parents"], r["children_per_parent"]) for r in table] == [(2, 1), (3, 1)]
     assert all(r["bits_per_input"] <= r["flat_bits_per_input"] + 1e-9 for r in table)
     assert (tmp_path / "sweep.csv").is_file()
-    again = sweep_hierarchical(
-        x, parents=(2, 3), children=(1,), tolerance=0.05, out_dir=tmp_path, progress=False
+    again = sweep_hierarchical(  # the same settings: rows reused
+        x, parents=(2, 3), children=(1,), epochs=2, lr=1e-2, tolerance=0.05,
+        out_dir=tmp_path, progress=False,
     )
     assert [r["bits_per_input"] for r in again] == [r["bits_per_input"] for r in table]
 

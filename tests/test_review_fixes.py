@@ -26,6 +26,7 @@ from tl_mdl import (
     sweep,
     train_sae,
 )
+from tl_mdl.mdl.hierarchical import hierarchical_dl_report
 from tl_mdl.training.hierarchical import sweep_hierarchical
 
 
@@ -260,6 +261,23 @@ def test_sweep_rows_without_settings_are_recomputed(tmp_path):
     third = sweep(x, **kw)[0]
     assert _bitwise_equal(third["sae"], first["sae"])
     assert _bitwise_equal(SAE.load(tmp_path / "w16_s2"), first["sae"])
+
+
+def test_hierarchical_sweep_rerun_checks_settings(tmp_path):
+    x = _data()
+    kw = dict(parents=(2,), children=(1,), out_dir=tmp_path, **TRAIN)
+    first = sweep_hierarchical(x, tolerance=0.05, **kw)[0]
+    assert sweep_hierarchical(x, tolerance=0.05, **kw)[0]["train_seconds"] == (
+        first["train_seconds"])
+    loose = sweep_hierarchical(x, tolerance=0.3, **kw)[0]
+    truth = hierarchical_dl_report(first["sae"], x, tolerance=0.3)
+    assert loose["train_seconds"] == first["train_seconds"]
+    assert (loose["bin_width"], loose["bits_per_input"]) == (truth.bin_width,
+                                                             truth.bits_per_input)
+    assert json.loads((tmp_path / "p2_c1_s0.001" / "scores.json").read_text())[
+        "settings"]["score"]["tolerance"] == 0.3
+    retrained = sweep_hierarchical(x, tolerance=0.3, **{**kw, "lr": 1e-2})[0]
+    assert not _bitwise_equal(retrained["sae"], first["sae"])
 
 
 # -------------------------------------------------------------------- 5. NaN latents

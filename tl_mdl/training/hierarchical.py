@@ -37,11 +37,15 @@ from tl_mdl.training.objectives import (
     surrogate_bin_width,
 )
 from tl_mdl.training.sweep import (
+    SETTINGS_KEY,
     SweepTable,
     checkpoint_subfolder,
+    data_fingerprint,
     load_scored,
     report_columns,
+    row_settings,
     save_scored,
+    save_scores,
 )
 from tl_mdl.training.trainer import TrainResult, train_sae
 
@@ -173,7 +177,9 @@ def sweep_hierarchical(
     its conditional description length at ``tolerance`` on ``eval_activations`` (default:
     the training tensor); ``child_topk`` is passed to every config. With ``out_dir`` each
     SAE is saved to ``out_dir/p{P}_c{C}[_k{child_topk}]_s{λ}/`` with ``scores.json``, the
-    table to ``out_dir/sweep.csv``, and a rerun reuses what is there. Extra keyword arguments go to
+    table to ``out_dir/sweep.csv``, and a rerun reuses what is there when it was made with
+    the same settings (as :func:`tl_mdl.sweep`: re-scored when only the tolerance or the
+    evaluation data changed, trained again otherwise). Extra keyword arguments go to
     :func:`train_hierarchical_sae`; a ``checkpoint_dir`` among them gets one subfolder per
     grid point (named like the ``out_dir`` ones)."""
     if eval_activations is None:
@@ -185,32 +191,42 @@ def sweep_hierarchical(
     d_in = int(eval_activations.shape[-1])
     grid = [(int(p), int(c), float(s)) for p in parents for c in children for s in sparsities]
     out = Path(out_dir) if out_dir is not None else None
+    train_data = data_fingerprint(activations)
+    eval_data = (
+        train_data if eval_activations is activations else data_fingerprint(eval_activations)
+    )
     table = HierarchicalSweepTable()
     for p, c, sp in tqdm(grid, desc="sweep hierarchical", disable=not progress):
         tag = f"p{p}_c{c}" + (f"_k{child_topk}" if child_topk is not None else "")
         name = f"{tag}_s{sp:g}"
         folder = out / name if out is not None else None
-        row = load_scored(folder, HierarchicalSAE)
-        if row is not None:
-            table.rows.append(row)
-            continue
         cfg = HierarchicalSAEConfig(
             d_in=d_in, n_parents=p, children_per_parent=c, child_topk=child_topk
         )
-        start = time.perf_counter()
-        sae = train_hierarchical_sae(
-            activations,
-            cfg,
-            objective,
-            sparsity=sp,
-            seed=seed,
-            progress=progress,
-            **checkpoint_subfolder(train_kwargs, name),
+        settings = row_settings(
+            cfg, objective, sp, seed, train_kwargs, tolerance, train_data, eval_data
         )
-        seconds = time.perf_counter() - start
+        row = load_scored(folder, HierarchicalSAE, settings)
+        if row is not None and not row.pop("rescore"):
+            table.rows.append(row)
+            continue
+        if row is not None:  # the SAE is still right; only its scores are stale
+            sae, seconds = row["sae"], row["train_seconds"]
+        else:
+            start = time.perf_counter()
+            sae = train_hierarchical_sae(
+                activations,
+                cfg,
+                objective,
+                sparsity=sp,
+                seed=seed,
+                progress=progress,
+                **checkpoint_subfolder(train_kwargs, name),
+            )
+            seconds = time.perf_counter() - start
         rep = hierarchical_dl_report(sae, eval_activations, tolerance=tolerance)
         p_active = rep.features["p_active"]
-        row = {
+        row_out = {
             "n_parents": p,
             "children_per_parent": c,
             "child_topk": child_topk,
@@ -222,8 +238,13 @@ def sweep_hierarchical(
             "l0_parents": float(p_active[:p].sum()),
             "train_seconds": seconds,
             "path": str(folder) if folder is not None else "",
+            SETTINGS_KEY: settings,
         }
-        save_scored(folder, sae, row)
+        if row is not None:
+            save_scores(folder, row_out)  # type: ignore[arg-type]
+        else:
+            save_scored(folder, sae, row_out)
+        row = row_out
         row["sae"] = sae
         table.rows.append(row)
         if out is not None:
