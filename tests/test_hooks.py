@@ -549,3 +549,33 @@ def test_heads_are_flattened_only_at_head_hooks(model, tokens):
 def test_topk_k_must_be_a_real_int():
     with pytest.raises(ValueError, match="needs an int k"):
         SAEConfig(d_in=4, d_sae=8, activation="topk", k=True)
+
+
+@pytest.mark.parametrize("activation", ACTS)
+def test_splice_error_is_bitwise_clean_under_reading_hooks(model, tokens, activation):
+    """run_with_cache only reads: splice_error keeps the clean logits bitwise. A hook that
+    changes latents, by returning a tensor or in place, changes the output exactly like a
+    manual splice of the intervened reconstruction plus the clean error term."""
+    hook = "blocks.1.hook_resid_pre"
+    sae = random_sae(16, activation, d_sae=64, k=8)
+    clean = model(tokens)
+    with attach_sae(model, hook, sae, mode="splice_error"):
+        logits, cache = model.run_with_cache(tokens)
+        assert torch.equal(logits, clean)
+        assert f"{hook}.hook_sae_error" in cache
+
+        def zero_returned(acts, hook):
+            return torch.zeros_like(acts)
+
+        def zero_in_place(acts, hook):
+            acts.zero_()
+
+        name = f"{hook}.hook_sae_acts_post"
+        a = model.run_with_hooks(tokens, fwd_hooks=[(name, zero_returned)])
+        b = model.run_with_hooks(tokens, fwd_hooks=[(name, zero_in_place)])
+    x = cache[hook]
+    ref = model.run_with_hooks(
+        tokens, fwd_hooks=[(hook, lambda act, hook: sae.b_dec + (x - sae(x)))])
+    torch.testing.assert_close(a, ref)
+    torch.testing.assert_close(b, ref)
+    assert not torch.equal(a, clean)

@@ -10,9 +10,12 @@ which gives back the same ``hook_dict`` (same names, same objects) and bitwise-e
 What flows downstream of ``hook_name`` (and what hooks on ``hook_name`` itself see):
 
 * ``"splice"``: ``x̂ = decode(encode(x))``.
-* ``"splice_error"``: ``x̂ + (x − x̂)``; with no hooks inside the SAE this is ``x`` bitwise,
-  and gradients reach the latents. With hooks inside, the error term comes from a clean,
-  hook-free pass (as in SAELens), so interventions on latents change the output.
+* ``"splice_error"``: ``x̂ + (x − x̂)``; unless a hook inside the SAE changes a value this is
+  ``x`` bitwise (hooks that only read, like ``run_with_cache``'s, keep it so), and gradients
+  reach the latents. When a hook changes a value (returns another tensor, or writes into
+  its input), the error term comes from a clean, hook-free pass (as in SAELens), so
+  interventions on latents change the output. Hooks inside a ``sae_lens.SAE`` always count
+  as changing.
 * ``"observe"``: ``x`` untouched; the latents are computed, fire their hook points, and the
   last batch is kept on ``handle.latents``.
 
@@ -214,16 +217,31 @@ def has_hooks(hp: nn.Module) -> bool:
     return bool(hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks)
 
 
-def _fire(hp: HookPoint, x: Tensor, use_hooks: bool) -> Tensor:
-    return hp(x) if use_hooks and has_hooks(hp) else x
+def _fire(hp: HookPoint, x: Tensor, use_hooks: bool, seen: list[bool] | None = None) -> Tensor:
+    """``hp(x)`` when it has hooks. With ``seen``, appends whether the hooks may have changed
+    the value: they returned another tensor or wrote into ``x`` (its version counter moved;
+    inference tensors have none, so there any hook counts as a change)."""
+    if not (use_hooks and has_hooks(hp)):
+        return x
+    if seen is None:
+        return hp(x)
+    try:
+        version = x._version
+    except RuntimeError:  # an inference tensor
+        version = None
+    y = hp(x)
+    seen.append(y is not x or version is None or x._version != version)
+    return y
 
 
 class _Kernel:
     """SAE computation through its hook points: ``run(x) -> (latents | None, recons | None)``.
-    ``latents`` is ``None`` only when it was never materialised (TopK fast path)."""
+    ``latents`` is ``None`` only when it was never materialised (TopK fast path). After a
+    run, ``changed`` tells whether a hook may have changed a value inside the SAE."""
 
     def __init__(self, sae: Any, hooks: dict[str, HookPoint]):
         self.sae, self.hooks = sae, hooks
+        self.changed = False
 
     def run(
         self, x: Tensor, *, use_hooks: bool = True, need_acts: bool = False,
@@ -265,7 +283,8 @@ class _TlMdlKernel(_Kernel):
     def run(self, x, *, use_hooks=True, need_acts=False, need_recons=True):
         sae, h = self.sae, self.hooks
         lead = x.shape[:-1]
-        x = _fire(h["hook_sae_input"], x, use_hooks)
+        seen: list[bool] = []
+        x = _fire(h["hook_sae_input"], x, use_hooks, seen)
         pre_seen = use_hooks and has_hooks(h["hook_sae_acts_pre"])  # a hook may keep it
         pre_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (x, sae.W_enc, sae.b_enc, sae.b_dec)
@@ -274,7 +293,7 @@ class _TlMdlKernel(_Kernel):
             need_acts or pre_grad or pre_seen
             or (use_hooks and has_hooks(h["hook_sae_acts_post"]))
         )
-        pre = _fire(h["hook_sae_acts_pre"], self._encode_pre(x, reuse=private), use_hooks)
+        pre = _fire(h["hook_sae_acts_pre"], self._encode_pre(x, reuse=private), use_hooks, seen)
         need_grad = torch.is_grad_enabled() and (pre.requires_grad or sae.W_dec.requires_grad)
         acts: Tensor | None = None
         recons: Tensor | None = None
@@ -295,12 +314,13 @@ class _TlMdlKernel(_Kernel):
                 acts = pre.relu_()  # our own temporary, seen by no hook: no second buffer
             else:
                 acts = sae.activation(pre)
-            acts = _fire(h["hook_sae_acts_post"], acts, use_hooks)
+            acts = _fire(h["hook_sae_acts_post"], acts, use_hooks, seen)
             if need_recons:
                 flat = acts.reshape(-1, acts.shape[-1]).to(sae.W_dec.dtype)
                 recons = decode_maybe_sparse(flat, sae.W_dec, sae.b_dec)
         if recons is not None:
-            recons = _fire(h["hook_sae_recons"], recons.reshape(*lead, -1), use_hooks)
+            recons = _fire(h["hook_sae_recons"], recons.reshape(*lead, -1), use_hooks, seen)
+        self.changed = any(seen)
         return acts, recons
 
 
@@ -309,6 +329,8 @@ class _SAELensKernel(_Kernel):
     points; those are the ones exposed under the model's hook name (as SAELens does)."""
 
     def run(self, x, *, use_hooks=True, need_acts=False, need_recons=True):
+        # its hooks fire inside SAELens' own code: any of them may have changed a value
+        self.changed = use_hooks and any(has_hooks(self.hooks[n]) for n in _INNER)
         if use_hooks:
             acts = self.sae.encode(x)
             return acts, (self.sae.decode(acts) if need_recons else None)
@@ -442,20 +464,22 @@ class SAEHandle:
                 h["hook_sae_error"](x - recons.detach())
             return h["hook_sae_output"](recons)
         # splice_error
-        intervened = any(has_hooks(h[n]) for n in _INNER)
-        if intervened:
+        if self._kernel.changed:  # a hook intervened: the error term of the clean SAE pass
             with torch.no_grad():
                 _, clean = self._kernel.run(x_sae, use_hooks=False)
             assert clean is not None
-            error = x.detach() - back(clean)
+            out = recons + h["hook_sae_error"](x.detach() - back(clean))
         else:
             error = (x - recons).detach()
-        if not intervened and not has_hooks(h["hook_sae_error"]):
-            # == x bitwise. As in SAELens the error term is a constant: gradients reach the
-            # latents, and flow upstream only through the SAE.
-            out = x.detach() + (recons - recons.detach())
-        else:
-            out = recons + h["hook_sae_error"](error)
+            seen: list[bool] = []
+            error = _fire(h["hook_sae_error"], error, True, seen)
+            if any(seen):
+                out = recons + error
+            else:
+                # == x bitwise, also when hooks only read (run_with_cache). As in SAELens the
+                # error term is a constant: gradients reach the latents, and flow upstream
+                # only through the SAE.
+                out = x.detach() + (recons - recons.detach())
         return h["hook_sae_output"](out)
 
 
