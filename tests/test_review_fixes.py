@@ -269,15 +269,20 @@ def test_hierarchical_sweep_rerun_checks_settings(tmp_path):
     first = sweep_hierarchical(x, tolerance=0.05, **kw)[0]
     assert sweep_hierarchical(x, tolerance=0.05, **kw)[0]["train_seconds"] == (
         first["train_seconds"])
+    # another eval set: re-scored, not retrained
+    x2 = _data(seed=1)
+    rescored = sweep_hierarchical(x, tolerance=0.05, eval_activations=x2, **kw)[0]
+    truth = hierarchical_dl_report(first["sae"], x2, tolerance=0.05)
+    assert rescored["train_seconds"] == first["train_seconds"]
+    assert (rescored["bin_width"], rescored["bits_per_input"]) == (truth.bin_width,
+                                                                   truth.bits_per_input)
+    # another tolerance: the MDL surrogate trains at it, so the SAE is trained again
     loose = sweep_hierarchical(x, tolerance=0.3, **kw)[0]
-    truth = hierarchical_dl_report(first["sae"], x, tolerance=0.3)
-    assert loose["train_seconds"] == first["train_seconds"]
-    assert (loose["bin_width"], loose["bits_per_input"]) == (truth.bin_width,
-                                                             truth.bits_per_input)
     assert json.loads((tmp_path / "p2_c1_s0.001" / "scores.json").read_text())[
         "settings"]["score"]["tolerance"] == 0.3
+    assert not _bitwise_equal(loose["sae"], first["sae"])
     retrained = sweep_hierarchical(x, tolerance=0.3, **{**kw, "lr": 1e-2})[0]
-    assert not _bitwise_equal(retrained["sae"], first["sae"])
+    assert not _bitwise_equal(retrained["sae"], loose["sae"])
 
 
 # -------------------------------------------------------------------- 5. NaN latents
@@ -330,3 +335,14 @@ def test_device_names_that_still_fit_are_kept():
     assert not sae_model._same_device("cpu", torch.device("meta"))
     sae = SAE(SAEConfig(d_in=4, d_sae=8)).to("cpu")
     assert sae.cfg.device == "cpu"
+
+
+def test_sweep_trains_the_mdl_surrogate_at_its_tolerance():
+    """sweep(tolerance=t) scores at t, and the MDL objective's surrogate trains at t too."""
+    x = _data()
+    row = sweep(x, widths=[16], sparsities=[1e-3], tolerance=0.05, **TRAIN).rows[0]
+    alone = train_sae(x, SAEConfig(d_in=8, d_sae=16), "mdl", sparsity=1e-3, tolerance=0.05,
+                      seed=0, **TRAIN)
+    assert _bitwise_equal(row["sae"], alone)
+    default = train_sae(x, SAEConfig(d_in=8, d_sae=16), "mdl", sparsity=1e-3, seed=0, **TRAIN)
+    assert not _bitwise_equal(row["sae"], default)

@@ -175,11 +175,12 @@ def sweep_hierarchical(
 ) -> HierarchicalSweepTable:
     """Train one hierarchical SAE per (parents, children per parent, sparsity) and score
     its conditional description length at ``tolerance`` on ``eval_activations`` (default:
-    the training tensor); ``child_topk`` is passed to every config. With ``out_dir`` each
+    the training tensor); the MDL objectives train their surrogate at that ``tolerance``
+    too; ``child_topk`` is passed to every config. With ``out_dir`` each
     SAE is saved to ``out_dir/p{P}_c{C}[_k{child_topk}]_s{λ}/`` with ``scores.json``, the
     table to ``out_dir/sweep.csv``, and a rerun reuses what is there when it was made with
-    the same settings (as :func:`tl_mdl.sweep`: re-scored when only the tolerance or the
-    evaluation data changed, trained again otherwise). Extra keyword arguments go to
+    the same settings (as :func:`tl_mdl.sweep`: re-scored when only the evaluation data
+    changed, trained again otherwise). Extra keyword arguments go to
     :func:`train_hierarchical_sae`; a ``checkpoint_dir`` among them gets one subfolder per
     grid point (named like the ``out_dir`` ones)."""
     if eval_activations is None:
@@ -196,6 +197,8 @@ def sweep_hierarchical(
         train_data if eval_activations is activations else data_fingerprint(eval_activations)
     )
     table = HierarchicalSweepTable()
+    if objective in ("mdl", "hierarchical_mdl"):  # trained at the precision it is scored at
+        train_kwargs = {**train_kwargs, "tolerance": tolerance}
     for p, c, sp in tqdm(grid, desc="sweep hierarchical", disable=not progress):
         tag = f"p{p}_c{c}" + (f"_k{child_topk}" if child_topk is not None else "")
         name = f"{tag}_s{sp:g}"

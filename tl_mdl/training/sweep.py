@@ -213,12 +213,14 @@ def sweep(
     ``sparsity`` is λ for ``"mdl"`` / ``"l1"`` and ``k`` for ``"topk"`` (pairs with
     ``k > width`` are skipped). Each SAE is scored with ``description_length`` on
     ``eval_activations`` (default: the training activations when they are a Tensor) at
-    precision ``tolerance``. With ``out_dir`` every SAE is saved to
+    precision ``tolerance``; the ``"mdl"`` objective trains its DL surrogate at that same
+    ``tolerance``. With ``out_dir`` every SAE is saved to
     ``out_dir/w{width}_s{sparsity}/`` with its scores and settings in ``scores.json``, the
     table to ``out_dir/sweep.csv``, and a rerun reuses what is already there (resume) when
     it was made with the same settings (:func:`row_settings`: objective, seed, training
-    arguments, training data; the SAE is re-scored when only the tolerance or the evaluation
-    data changed) and trains it again otherwise. Extra keyword arguments go to
+    arguments, training data; the SAE is re-scored when only the evaluation data, or the
+    tolerance of an objective that does not train on it, changed) and trains it again
+    otherwise. Extra keyword arguments go to
     :func:`tl_mdl.train_sae`; a ``checkpoint_dir`` among them gets one subfolder per grid
     point (``checkpoint_dir/w{width}_s{sparsity}/``).
 
@@ -249,6 +251,8 @@ def sweep(
     eval_data = (
         train_data if eval_activations is activations else data_fingerprint(eval_activations)
     )
+    if objective == "mdl":  # the surrogate trains at the precision it is scored at
+        train_kwargs = {**train_kwargs, "tolerance": tolerance}
     table = SweepTable()
     for index, (width, sp) in tqdm(mine, desc=f"sweep {objective}", disable=not progress):
         folder = out / _key(width, sp) if out is not None else None
