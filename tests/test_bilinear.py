@@ -248,7 +248,10 @@ def test_swap_context_manager_restores_on_error_and_layers_subset():
 
 def test_plain_mlp_gets_fresh_init_and_bilinear_transformer():
     model = HookedTransformer(tiny_cfg(gated_mlp=False, act_fn="gelu"))
-    swap = to_bilinear(model, init="copy", seed=0)
+    with pytest.raises(TypeError, match="a plain MLP has no gate.*init='random'"):
+        to_bilinear(model, init="copy", seed=0)
+    assert not any(isinstance(b.mlp, BilinearMLP) for b in model.blocks)
+    swap = to_bilinear(model, init="random", seed=0)
     assert isinstance(model.blocks[0].mlp, BilinearMLP)
     assert model(torch.randint(0, 50, (1, 5))).isfinite().all()
     swap.restore()
@@ -357,3 +360,49 @@ def test_split_tridiagonal_falls_back_to_mrrr():
     w, Z = _tridiagonal_vectors(diag, off, w_all, [(0, 1), (4, 4)])
     np.testing.assert_allclose(w, w_all[[0, 1, 4]], atol=1e-12)
     np.testing.assert_allclose(np.abs(Z.T @ V_all[:, [0, 1, 4]]), np.eye(3), atol=1e-10)
+
+
+def test_swap_validates_layers_and_is_all_or_nothing():
+    model = HookedTransformer(tiny_cfg())
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    clean = model(tokens)
+    for bad, err, match in (([0, 0], ValueError, "pass each layer once"),
+                            ([0, -2], ValueError, "already names"),
+                            ("0", TypeError, "must be an int"),
+                            ([0.5], TypeError, "is not an integer")):
+        with pytest.raises(err, match=match):
+            to_bilinear(model, bad)
+    with to_bilinear(model, torch.tensor(1)):  # a 0-d integer tensor is one layer
+        assert isinstance(model.blocks[1].mlp, BilinearMLP)
+    assert torch.equal(model(tokens), clean)
+
+    class Custom(torch.nn.Module):
+        cfg = model.blocks[1].mlp.cfg
+        W_in = model.blocks[1].mlp.W_in
+
+    original = model.blocks[1].mlp
+    model.blocks[1].mlp = Custom()
+    with pytest.raises(TypeError, match="cannot copy weights from Custom"):
+        to_bilinear(model)  # block 0 converts, block 1 cannot: nothing changes
+    assert not isinstance(model.blocks[0].mlp, BilinearMLP)
+    model.blocks[1].mlp = original
+    assert torch.equal(model(tokens), clean)
+
+
+def test_ablate_eigen_checks_eigen_and_k():
+    model = bilinear_model()
+    U = torch.eye(model.cfg.d_model)[:3]
+    one = eigendecompose(model.blocks[0].mlp, U[:1], k=4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="decomposes 1 output directions but out_dirs has 3"):
+        ablate_eigen(model, 0, U, 2, eigen=one)
+    with pytest.raises(ValueError, match="k=-3 must be an int >= 0"):
+        ablate_eigen(model, 0, U, -3)
+
+
+def test_anneal_frac_above_one_fails_before_training():
+    model = HookedTransformer(tiny_cfg(act_fn="silu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="anneal_frac=1.5 does not bring"):
+        anneal_to_bilinear(model, tokens, 4, anneal_frac=1.5, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -72,6 +72,8 @@ def ablate_eigen(
     manager; the hook is removed on exit or by ``remove()``.
     """
     mlp = _bilinear_mlp(model, layer)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k={k!r} must be an int >= 0 (eigenpairs kept per direction)")
     U = _out_dirs(out_dirs, mlp.cfg.d_model, mlp.W_out.detach())
     if U.shape[0] > U.shape[1] or torch.linalg.matrix_rank(U.double()) < U.shape[0]:
         raise ValueError(
@@ -85,6 +87,11 @@ def ablate_eigen(
         raise ValueError(f"eigen holds {eigen.values.shape[-1]} pairs per direction; k={k}")
     if eigen.vectors.shape[-1] != d:
         raise ValueError("eigen must be a decomposition with bias=True and no in_basis")
+    if eigen.values.shape[0] != U.shape[0]:
+        raise ValueError(
+            f"eigen decomposes {eigen.values.shape[0]} output directions but out_dirs has "
+            f"{U.shape[0]}; pass the eigen of these out_dirs (or eigen=None)"
+        )
     U64 = U.double()
     pinv_T = torch.linalg.pinv(U64).T  # [n, d_model]
     u_bout = U64 @ mlp.b_out.detach().double()
@@ -129,10 +136,11 @@ def _loss_acc(
     for s in range(0, tokens.shape[0], batch_size):
         batch = tokens[s : s + batch_size]
         logits = model(batch, return_type="logits").float()
+        batch = batch.to(logits.device)
         if labels is None:  # next-token prediction
             logits, target = logits[:, :-1], batch[:, 1:]
         else:  # one label per sequence, read at the last position
-            logits, target = logits[:, -1], labels[s : s + batch_size]
+            logits, target = logits[:, -1], labels[s : s + batch_size].to(logits.device)
         logp = logits.log_softmax(-1)
         total_loss += -logp.gather(-1, target[..., None]).sum().item()
         total_correct += (logits.argmax(-1) == target).sum().item()

@@ -87,6 +87,11 @@ def anneal_to_bilinear(
             )
     if steps < 1:
         raise ValueError(f"steps={steps}: need at least one step to reach β = 0")
+    if beta_schedule(steps - 1, steps, beta_start, anneal_frac) != 0.0:
+        raise ValueError(
+            f"anneal_frac={anneal_frac} does not bring β to 0 by the last of steps={steps}; "
+            "use anneal_frac <= 1"
+        )
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [n_seq, pos≥2], got {tuple(tokens.shape)}")
     teacher = None
@@ -151,8 +156,6 @@ def anneal_to_bilinear(
         for layer, act_fn in saved_act.items():
             model.blocks[layer].mlp.act_fn = act_fn
     # At β = 0 the gate is x/2: fold the ½ into W_gate of the exact bilinear copy.
-    if beta_schedule(steps - 1, steps, beta_start, anneal_frac) != 0.0:
-        raise RuntimeError(f"β did not reach 0 (anneal_frac={anneal_frac}); use anneal_frac ≤ 1")
     swap = to_bilinear(model, layer_ids, init="copy", _gate_scale=0.5)
     checkpoint(steps, 0.0)
     return AnnealResult(swap, result_history, checkpoints)

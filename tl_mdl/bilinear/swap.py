@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -45,14 +46,32 @@ def _check_layers(model: HookedTransformer, layers: int | Iterable[int] | None) 
     n_layers = model.cfg.n_layers
     if layers is None:
         return list(range(n_layers))
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    for layer in layers:
+    try:
+        items = [operator.index(layers)]  # one int (also a NumPy or 0-d torch integer)
+    except TypeError:
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+            raise TypeError(
+                f"layers must be an int, a list of ints or None, got {layers!r}"
+            ) from None
+        items = list(layers)
+    out: list[int] = []
+    for item in items:
+        try:
+            layer = operator.index(item)
+        except TypeError:
+            raise TypeError(f"layer {item!r} is not an integer; pass ints like 0 or -1") from None
         if not -n_layers <= layer < n_layers:
             raise ValueError(
                 f"layer {layer} out of range for model with n_layers={n_layers}; "
                 f"pass layers in 0..{n_layers - 1} or layers=None for all"
             )
-    return [layer % n_layers for layer in layers]
+        if layer % n_layers in out:
+            raise ValueError(
+                f"layer {layer} is block {layer % n_layers}, which layers={items!r} already "
+                "names; pass each layer once"
+            )
+        out.append(layer % n_layers)
+    return out
 
 
 @torch.no_grad()
@@ -65,7 +84,8 @@ def bilinear_from_mlp(
     post-product bias (``post = act(x W_gate)·(x W_in) + b_in``) into the output bias:
     ``b_in' = b_gate' = 0``, ``b_out' = b_out + b_in @ W_out``. This is exact when the gate
     activation is the identity (``gate_scale`` multiplies ``W_gate``, e.g. ½ for Swish_β at β=0).
-    A plain ``MLP`` (or ``init="random"``) gets a fresh init (:meth:`BilinearMLP.reset_parameters`).
+    ``init="random"`` gives a fresh init (:meth:`BilinearMLP.reset_parameters`); ``"copy"``
+    from anything but a ``GatedMLP`` or ``BilinearMLP`` raises (a plain ``MLP`` has no gate).
     """
     if init not in INITS:
         raise ValueError(f"init={init!r} not supported; use one of {INITS}")
@@ -83,9 +103,12 @@ def bilinear_from_mlp(
         new.b_in.zero_()
         new.b_gate.zero_()
         new.b_out.copy_(mlp.b_out + mlp.b_in @ mlp.W_out)
-    elif not isinstance(mlp, (MLP, GatedMLP, BilinearMLP)) and init == "copy":
+    elif init == "copy":
+        what = "a plain MLP has no gate" if isinstance(mlp, MLP) else "it is not a GatedMLP"
         raise TypeError(
-            f"cannot copy weights from {type(mlp).__name__}; use init='random' for a fresh init"
+            f"cannot copy weights from {type(mlp).__name__} ({what}); use init='random' for "
+            "a fresh bilinear layer (it needs training; anneal_to_bilinear turns a GatedMLP "
+            "into an exact bilinear one)"
         )
     return new
 
@@ -103,8 +126,10 @@ def to_bilinear(
 
     From a ``GatedMLP`` with ``init="copy"`` the weights are copied (see
     :func:`bilinear_from_mlp`): the result equals the GatedMLP with its activation set to the
-    identity. A plain ``MLP`` gets a fresh init. Returns a :class:`BilinearSwap` whose
-    ``restore()`` puts the original modules back (bitwise-identical forward pass).
+    identity. A plain ``MLP`` needs ``init="random"`` (a fresh init). Nothing changes unless
+    every layer converts. Returns a :class:`BilinearSwap` whose ``restore()`` puts the
+    original modules back (bitwise-identical forward pass). Nested swaps of the same layers
+    are restored innermost first (like nested ``with`` blocks).
     """
     layer_ids = _check_layers(model, layers)
     no_mlp = [layer for layer in layer_ids if getattr(model.blocks[layer], "mlp", None) is None]
@@ -114,15 +139,14 @@ def to_bilinear(
             "to_bilinear converts the MLPs of a model built with attn_only=False"
         )
     swap = BilinearSwap(model, {})
-    for layer in layer_ids:
-        block = model.blocks[layer]
-        old = block.mlp
-        new = bilinear_from_mlp(
+    for layer in layer_ids:  # build every layer first: a failure leaves the model untouched
+        old = model.blocks[layer].mlp
+        swap.originals[layer] = old
+        swap.bilinear[layer] = bilinear_from_mlp(
             old, init, gate_scale=_gate_scale, seed=None if seed is None else seed + layer
         )
-        swap.originals[layer] = old
-        swap.bilinear[layer] = new
-        block.mlp = new
+    for layer, new in swap.bilinear.items():
+        model.blocks[layer].mlp = new
     model.setup()
     return swap
 
