@@ -229,3 +229,21 @@ def test_attach_over_sae_lens_add_sae_names_the_fix(model):
             attach_sae(model, hook, random_sae(16))
     finally:
         model.reset_saes()
+
+
+def test_sae_lens_jumprelu_folder_with_negative_thresholds(tmp_path):
+    """SAELens' JumpReLU is relu(pre)·[pre > θ]: loading its folder gives the same latents
+    when some θ < 0 (tl_mdl's own saves keep signed thresholds)."""
+    sl = _sl_sae("jumprelu")
+    with torch.no_grad():
+        sl.threshold[::2] = -0.3
+    sl.save_model(str(tmp_path))
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(3))
+    ours = SAE.load(tmp_path)
+    torch.testing.assert_close(ours.encode(x), sl.encode(x), atol=1e-6, rtol=1e-6)
+    assert bool((ours.encode(x) >= 0).all())
+    signed = random_sae(16, "jumprelu")
+    with torch.no_grad():
+        signed.threshold.fill_(-0.5)
+    signed.save(tmp_path / "ours")
+    assert torch.equal(SAE.load(tmp_path / "ours").threshold, signed.threshold)

@@ -266,6 +266,7 @@ class SAE(SAEBase):
         # SAELens TopK option: select on pre·‖W_dec_i‖, decode f/‖W_dec_i‖. Folding the norms
         # into the weights (W_enc·n, b_enc·n, W_dec/n) gives the same latents and output.
         rescale = bool(cfg_dict.pop("rescale_acts_by_decoder_norm", False))
+        written_by_sae_lens = "activation" not in cfg_dict  # tl_mdl always writes it
         cfg = SAEConfig.from_dict(cfg_dict)
 
         def fold_decoder_norms(state: dict[str, Tensor]) -> None:
@@ -274,8 +275,15 @@ class SAE(SAEBase):
             state["b_enc"] = (state["b_enc"].double() * n).to(state["b_enc"].dtype)
             state["W_dec"] = (state["W_dec"].double() / n[:, None]).to(state["W_dec"].dtype)
 
-        fold = rescale and cfg.activation == "topk"
-        return cls._from_saved(cfg, state, weights_path, fold_decoder_norms if fold else None)
+        def transform(state: dict[str, Tensor]) -> None:
+            if rescale and cfg.activation == "topk":
+                fold_decoder_norms(state)
+            if written_by_sae_lens and cfg.activation == "jumprelu":
+                # SAELens computes relu(pre)·[pre > θ]: a threshold below 0 acts as 0, and
+                # tl_mdl's pre·[pre > θ] with θ clamped at 0 is the same function.
+                state["threshold"] = state["threshold"].clamp_min(0)
+
+        return cls._from_saved(cfg, state, weights_path, transform)
 
     def extra_repr(self) -> str:
         c = self.cfg
