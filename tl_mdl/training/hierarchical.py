@@ -17,8 +17,8 @@ same bin width ``w`` and soft presence ``s_{n,i} = σ((f_{n,i} − w/2)/(w/4)) �
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,11 +41,10 @@ from tl_mdl.training.sweep import (
     SweepTable,
     checkpoint_subfolder,
     data_fingerprint,
-    load_scored,
     report_columns,
+    reuse_or_train,
     row_settings,
-    save_scored,
-    save_scores,
+    store_row,
 )
 from tl_mdl.training.trainer import TrainResult, train_sae
 
@@ -209,24 +208,14 @@ def sweep_hierarchical(
         settings = row_settings(
             cfg, objective, sp, seed, train_kwargs, tolerance, train_data, eval_data
         )
-        row = load_scored(folder, HierarchicalSAE, settings)
-        if row is not None and not row.pop("rescore"):
-            table.rows.append(row)
+        stored, sae, seconds, trained = reuse_or_train(
+            folder, HierarchicalSAE, settings, partial(
+                train_hierarchical_sae, activations, cfg, objective, sparsity=sp, seed=seed,
+                progress=progress, **checkpoint_subfolder(train_kwargs, name),
+            ))
+        if stored is not None:
+            table.rows.append(stored)
             continue
-        if row is not None:  # the SAE is still right; only its scores are stale
-            sae, seconds = row["sae"], row["train_seconds"]
-        else:
-            start = time.perf_counter()
-            sae = train_hierarchical_sae(
-                activations,
-                cfg,
-                objective,
-                sparsity=sp,
-                seed=seed,
-                progress=progress,
-                **checkpoint_subfolder(train_kwargs, name),
-            )
-            seconds = time.perf_counter() - start
         rep = hierarchical_dl_report(sae, eval_activations, tolerance=tolerance)
         p_active = rep.features["p_active"]
         row_out = {
@@ -243,10 +232,7 @@ def sweep_hierarchical(
             "path": str(folder) if folder is not None else "",
             SETTINGS_KEY: settings,
         }
-        if row is not None:
-            save_scores(folder, row_out)  # type: ignore[arg-type]
-        else:
-            save_scored(folder, sae, row_out)
+        store_row(folder, sae, row_out, trained)
         row = row_out
         row["sae"] = sae
         table.rows.append(row)

@@ -7,8 +7,9 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -137,6 +138,33 @@ def row_settings(
     return json.loads(json.dumps(settings, default=repr))  # as read back from scores.json
 
 
+def reuse_or_train(
+    folder: Path | None, sae_cls: Any, settings: dict[str, Any], train: Callable[[], Any]
+) -> tuple[dict[str, Any] | None, Any, float, bool]:
+    """One grid point of a sweep: ``(row, sae, train_seconds, trained)``. ``row`` is the
+    stored row when it was made with ``settings`` (reuse it as is); otherwise ``row`` is None
+    and ``sae`` is the stored SAE when only its scores are stale (``trained`` False), or a
+    fresh one from ``train()``. Store the new scores with :func:`store_row`."""
+    row = load_scored(folder, sae_cls, settings)
+    if row is not None and not row.pop("rescore"):
+        return row, row["sae"], row["train_seconds"], False
+    if row is not None:  # the SAE is still right; only its scores are stale
+        return None, row["sae"], row["train_seconds"], False
+    start = time.perf_counter()
+    sae = train()
+    return None, sae, time.perf_counter() - start, True
+
+
+def store_row(folder: Path | None, sae: Any, row: dict[str, Any], trained: bool) -> None:
+    """Save a grid point's scores (and, when it was ``trained``, its SAE) into ``folder``."""
+    if folder is None:
+        return
+    if trained:
+        save_scored(folder, sae, row)
+    else:
+        save_scores(folder, row)
+
+
 def save_scored(folder: Path | None, sae: Any, row: dict[str, Any]) -> None:
     """Save a trained sweep SAE and its scalar row (``scores.json``) into ``folder``."""
     if folder is None:
@@ -263,26 +291,15 @@ def sweep(
         settings = row_settings(
             cfg, objective, sp, seed, train_kwargs, tolerance, train_data, eval_data
         )
-        row = load_scored(folder, SAE, settings)
-        if row is not None and not row.pop("rescore"):
-            row["grid_index"] = index
-            table.rows.append(row)
+        stored, sae, seconds, trained = reuse_or_train(folder, SAE, settings, partial(
+            train_sae, activations, cfg, objective, sparsity=float(sp), seed=seed,
+            progress=progress, distributed=False,
+            **checkpoint_subfolder(train_kwargs, _key(width, sp)),
+        ))
+        if stored is not None:
+            stored["grid_index"] = index
+            table.rows.append(stored)
             continue
-        if row is not None:  # the SAE is still right; only its scores are stale
-            sae, seconds = row["sae"], row["train_seconds"]
-        else:
-            start = time.perf_counter()
-            sae = train_sae(
-                activations,
-                cfg,
-                objective,
-                sparsity=float(sp),
-                seed=seed,
-                progress=progress,
-                distributed=False,
-                **checkpoint_subfolder(train_kwargs, _key(width, sp)),
-            )
-            seconds = time.perf_counter() - start
         rep = description_length(sae, eval_activations, tolerance=tolerance)
         row_out = {
             "width": width,
@@ -293,10 +310,7 @@ def sweep(
             "path": str(folder) if folder is not None else "",
             SETTINGS_KEY: settings,
         }
-        if row is not None:
-            save_scores(folder, row_out)  # type: ignore[arg-type]
-        else:
-            save_scored(folder, sae, row_out)
+        store_row(folder, sae, row_out, trained)
         row = row_out
         row["sae"] = sae
         row["grid_index"] = index
