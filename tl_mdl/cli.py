@@ -185,6 +185,32 @@ def _check_tolerance(tolerance: float) -> None:
         )
 
 
+def _check_device(device: str) -> None:
+    """``device`` must parse as a torch device, and a CUDA one must be available."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps)"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {device!r} but torch.cuda.is_available() is False; use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {device!r} but only {torch.cuda.device_count()} CUDA device(s) "
+                "are visible; use --device cuda:0 or --device cpu"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(
+            f"--device {device!r} but torch.backends.mps.is_available() is False; use --device cpu"
+        )
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -318,6 +344,7 @@ def score(
 
     _check_tolerance(tolerance)
     _positive(bin_width, "--bin-width")
+    _check_device(device)
     sae = load_sae(sae_dir, device)
     x = load_acts(acts)
     _check_d_in(x, sae.cfg.d_in, sae_dir)
@@ -416,6 +443,7 @@ def train(
         _positive(value, name)
     if sparsity is not None and not (math.isfinite(sparsity) and sparsity >= 0):
         raise ValueError(f"--sparsity must be >= 0, got {sparsity}")
+    _check_device(device)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the SAE")
     x = load_acts(acts)
@@ -547,6 +575,13 @@ def sweep(
         sparsities = DEFAULT_SPARSITY[objective.value]
     kind = int if objective is Objective.topk else float
     sparsity_list = parse_list(sparsities, kind, "--sparsities")
+    for value in sparsity_list:
+        if objective is Objective.topk:
+            _positive(value, "--sparsities (k for topk)")
+        elif not (math.isfinite(value) and value >= 0):
+            raise ValueError(
+                f"--sparsities (λ for {objective.value}) must be finite and >= 0, got {value}"
+            )
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the sweep")
     x = load_acts(acts)
@@ -580,6 +615,16 @@ def sweep(
         selected = {k: v for k, v in table.select(fvu_threshold).items() if k != "sae"}
     except ValueError as e:
         why = str(e)
+        if "no SAE meets" in why:
+            best = min(
+                (r["fvu_quantized"] for r in rows if r.get("fvu_quantized") is not None),
+                default=None,
+            )
+            best_txt = f" (the best quantised FVU is {best:.4g})" if best is not None else ""
+            why = (
+                f"no SAE meets fvu_quantized <= --fvu-threshold {fvu_threshold:g}{best_txt}; "
+                "raise --fvu-threshold, or train longer (--epochs / --steps) or wider (--widths)"
+            )
     if format is Format.json:
         emit_json({"rows": rows, "selected": selected, "csv": str(out / "sweep.csv")})
     else:
@@ -669,6 +714,7 @@ def decompose(
 
     for value, name in ((k, "--k"), (top, "--top")):
         _positive(value, name)
+    _check_device(device)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model folder {model_dir} does not exist")
     with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Moving model"
@@ -777,11 +823,17 @@ QUICK_ARGS = {
         "16,32,64,128",
         "--train-size",
         "6000",
+        # 1 epoch on 6000 images leaves every SAE above the demo's default threshold 0.3;
+        # 5 epochs reach ~0.25-0.27 at widths 64/128, and 0.5 lets the small widths show too.
+        "--epochs",
+        "5",
+        "--fvu-threshold",
+        "0.5",
         "--out",
         "out/mnist_mdl_quick",
     ],
     Demo.bilinear_mnist: ["--epochs", "1", "--d-mlp", "64", "--out", "out/bilinear_mnist_quick"],
-    Demo.lm: ["--quick"],
+    Demo.lm: ["--quick", "--out", "out/lm_study_quick"],
 }
 
 

@@ -1,0 +1,134 @@
+"""Regression tests for CLI / IO fixes: demo --quick arguments, --device and --sparsities
+checks, the sweep's selection error, saved-file permissions and model loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from typer.testing import CliRunner
+
+import tl_mdl
+from tl_mdl import cli
+from tl_mdl.cli import QUICK_ARGS, Demo, app
+from tl_mdl.models import save_model
+
+D_IN = 8
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_user_error(result, *words):
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "Traceback" not in result.output
+    for w in words:
+        assert w in err, (w, err)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_fixes")
+    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(0)).relu()
+    tl_mdl.save_activations(x, root / "acts.safetensors")
+    tl_mdl.SAE(tl_mdl.SAEConfig(d_in=D_IN, d_sae=16), seed=0).save(root / "sae")
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=D_IN, d_head=4, n_heads=2, d_mlp=16, d_vocab=10, n_ctx=4,
+        act_fn="relu", seed=0, device="cpu",
+    )  # fmt: skip
+    save_model(HookedTransformer(cfg), root / "model")
+    return root
+
+
+def _opt(args, name):
+    return args[args.index(name) + 1]
+
+
+# ------------------------------------------------------------------------- B1, B2: demos
+
+
+def test_mnist_quick_trains_longer_with_a_reachable_threshold():
+    args = QUICK_ARGS[Demo.mnist]
+    assert int(_opt(args, "--epochs")) >= 5
+    assert float(_opt(args, "--fvu-threshold")) >= 0.5
+    assert _opt(args, "--out") == "out/mnist_mdl_quick"
+
+
+def test_lm_quick_has_its_own_out_folder():
+    args = QUICK_ARGS[Demo.lm]
+    assert "--quick" in args
+    assert _opt(args, "--out") == "out/lm_study_quick"
+
+
+def test_every_quick_run_has_its_own_out_folder():
+    outs = [_opt(a, "--out") for a in QUICK_ARGS.values()]
+    assert all(o.endswith("_quick") for o in outs) and len(set(outs)) == len(outs)
+
+
+# -------------------------------------------------------------------------- B3: --device
+
+
+def test_check_device():
+    cli._check_device("cpu")
+    with pytest.raises(ValueError, match="'foo' is not a torch device"):
+        cli._check_device("foo")
+
+
+def test_check_device_cuda_unavailable(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="use --device cpu"):
+        cli._check_device("cuda")
+
+
+@pytest.mark.parametrize("command", ["score", "train", "decompose"])
+def test_bad_device_is_a_user_error(files, tmp_path, command):
+    args = {
+        "score": ["score", files / "sae", files / "acts.safetensors"],
+        "train": ["train", files / "acts.safetensors", "--out", tmp_path / "t", "--width", "8"],
+        "decompose": ["decompose", files / "model", "--layer", "0"],
+    }[command]
+    assert_user_error(run(*args, "--device", "foo"), "--device 'foo'", "not a torch device")
+
+
+def test_cuda_device_without_cuda_is_a_user_error(files, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = run("score", files / "sae", files / "acts.safetensors", "--device", "cuda")
+    assert_user_error(r, "--device 'cuda'", "--device cpu")
+
+
+# ---------------------------------------------------------------------- B4: --sparsities
+
+
+@pytest.mark.parametrize("lam", ["-0.1", "nan", "inf"])
+@pytest.mark.parametrize("objective", ["mdl", "l1"])
+def test_sweep_rejects_bad_lambda(files, tmp_path, objective, lam):
+    r = run(
+        "sweep", files / "acts.safetensors", "--out", tmp_path / "s", "--objective", objective,
+        "--sparsities", f"0.1,{lam}", "--widths", "8", "--steps", "1", "--no-progress",
+    )  # fmt: skip
+    assert_user_error(r, "--sparsities", ">= 0")
+    assert not (tmp_path / "s").exists()
+
+
+def test_sweep_rejects_non_positive_k(files, tmp_path):
+    r = run(
+        "sweep", files / "acts.safetensors", "--out", tmp_path / "s", "--objective", "topk",
+        "--sparsities", "2,0", "--widths", "8", "--steps", "1", "--no-progress",
+    )  # fmt: skip
+    assert_user_error(r, "--sparsities", "> 0")
+
+
+# ------------------------------------------------------------- B5: the sweep's selection
+
+
+def test_sweep_no_pick_names_fvu_threshold(files, tmp_path):
+    r = run(
+        "sweep", files / "acts.safetensors", "--out", tmp_path / "s", "--objective", "topk",
+        "--sparsities", "2", "--widths", "8", "--steps", "2", "--fvu-threshold", "1e-6",
+        "--no-progress",
+    )  # fmt: skip
+    assert_user_error(r, "--fvu-threshold 1e-06", "--epochs", "--widths")
+    assert "raise the tolerance" not in r.stderr
