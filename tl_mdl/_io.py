@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,28 @@ from safetensors.torch import load_file, save_file
 ACTIVATIONS_KEY = "activations"
 
 
+def _umask() -> int:
+    """The process umask, read from /proc when possible (os.umask can only read by setting)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)  # process-global for an instant; restored at once
+    os.umask(mask)
+    return mask
+
+
+def _target_mode(target: Path) -> int:
+    """The existing ``target``'s permission bits, else those a new file would get."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def atomic_write(target: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temp file beside ``target``, then ``os.replace`` it into place,
     so a crash never leaves a half-written ``target``."""
@@ -23,6 +46,9 @@ def atomic_write(target: str | os.PathLike, write: Callable[[Path], object]) -> 
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp creates the file 0600; give it the mode a plain open() would (or keep the
+        # mode of the file it replaces), so saved files stay readable by group / others.
+        os.chmod(tmp, _target_mode(target))
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
@@ -52,7 +78,20 @@ def load_activations(paths: str | os.PathLike | list) -> torch.Tensor:
         else:
             files = [p]
     else:
-        files = [Path(x) for x in paths]
+        files = []
+        for x in paths:
+            p = Path(x)
+            if p.is_dir():
+                found = sorted(p.glob("*.safetensors"))
+                if not found:
+                    raise FileNotFoundError(f"no *.safetensors activation shards in folder {p}")
+                files.extend(found)
+            else:
+                files.append(p)
+        if not files:
+            raise ValueError(
+                "no activation files given; pass safetensors files or a folder of them"
+            )
     parts = []
     for f in files:
         if not f.is_file():
