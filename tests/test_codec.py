@@ -200,3 +200,11 @@ def test_decode_accepts_bytearray_and_memoryview(small_stream):
     q = torch.tensor(HAND_BUILT["mixed"])
     assert torch.equal(codec.decode(bytearray(small_stream)), q)
     assert torch.equal(codec.decode(memoryview(small_stream)), q)
+
+
+def test_uint64_codes_beyond_int64_are_refused():
+    big = torch.tensor([[2**63 + 5, 0], [1, 0]], dtype=torch.uint64)
+    with pytest.raises(ValueError, match="9223372036854775813, beyond int64"):
+        codec.encode(big)
+    small = torch.tensor([[5, 0], [1, 0]], dtype=torch.uint64)
+    assert torch.equal(codec.decode(codec.encode(small)), small.to(torch.int64))

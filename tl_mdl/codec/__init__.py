@@ -80,6 +80,13 @@ def encode(q: Int[Tensor, "n d_sae"]) -> bytes:
         )
     if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
         raise TypeError(f"q must be integer (got {q.dtype}); use tl_mdl.quantize(latents, w)")
+    if q.dtype == torch.uint64:
+        big = q.detach().cpu().numpy().max(initial=0)
+        if big > np.iinfo(np.int64).max:
+            raise ValueError(
+                f"q holds {big}, beyond int64 (the codec's value type); quantise with a "
+                "coarser bin width"
+            )
     qn = q.detach().cpu().to(torch.int64).numpy()
     n, f = qn.shape
     if n == 0:
