@@ -3,6 +3,7 @@ checks, the sweep's selection error, saved-file permissions and model loading.""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 import tl_mdl
 from tl_mdl import cli
 from tl_mdl.cli import QUICK_ARGS, Demo, app
-from tl_mdl.models import save_model
+from tl_mdl.models import load_model, save_model
 
 D_IN = 8
 
@@ -169,6 +170,48 @@ def test_overwrite_keeps_the_existing_mode(tmp_path):
     os.chmod(path, 0o640)
     tl_mdl.save_activations(torch.ones(2, 3), path)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+
+
+# ------------------------------------------------------------------- B7, B8: load_model
+
+
+def _edit_cfg(src, dst, edit):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((dst / "model_cfg.json").read_text())
+    (dst / "model_cfg.json").write_text(json.dumps(edit(cfg)))
+    return dst
+
+
+def test_load_model_saved_on_cuda_loads_on_cpu(files, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = _edit_cfg(files / "model", tmp_path / "m", lambda c: {**c, "device": "cuda"})
+    with pytest.warns(UserWarning, match="cpu"):
+        model = load_model(path)
+    assert model.cfg.device == "cpu" and model.W_U.device.type == "cpu"
+    assert load_model(path, device="cpu").cfg.device == "cpu"
+
+
+def test_load_model_keeps_an_available_saved_device(files):
+    assert load_model(files / "model").cfg.device == "cpu"
+
+
+def test_load_model_config_not_an_object(files, tmp_path):
+    path = _edit_cfg(files / "model", tmp_path / "m", lambda c: [1, 2])
+    with pytest.raises(ValueError, match="is not a valid model config"):
+        load_model(path)
+
+
+def test_load_model_config_rejected(files, tmp_path):
+    path = _edit_cfg(files / "model", tmp_path / "m", lambda c: {**c, "act_fn": "foo"})
+    with pytest.raises(ValueError, match="is not a valid model config"):
+        load_model(path)
+
+
+def test_decompose_on_a_corrupt_config_is_a_user_error(files, tmp_path):
+    path = _edit_cfg(files / "model", tmp_path / "m", lambda c: "text")
+    assert_user_error(run("decompose", path, "--layer", "0"), "not a valid model config")
 
 
 # ------------------------------------------------------------------ minor: load_activations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,30 @@ def save_model(model: HookedTransformer, path: str | os.PathLike) -> Path:
     return path
 
 
+def _usable_device(saved: Any, path: Path) -> str | None:
+    """The device a model was saved on if this machine has it, else ``"cpu"`` (with a warning)."""
+    if saved is None:
+        return None
+    try:
+        dev = torch.device(saved)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is not None:
+        if dev.type == "cpu":
+            return str(saved)
+        if dev.type == "cuda" and torch.cuda.is_available():
+            if dev.index is None or dev.index < torch.cuda.device_count():
+                return str(saved)
+        if dev.type == "mps" and torch.backends.mps.is_available():
+            return str(saved)
+    warnings.warn(
+        f"{path} was saved on device {saved!r}, which is not available here; loading it on "
+        "cpu (pass device= to choose)",
+        stacklevel=3,
+    )
+    return "cpu"
+
+
 def load_model(path: str | os.PathLike, *, device: str | None = None) -> HookedTransformer:
     """Inverse of :func:`save_model`."""
     path = Path(path)
@@ -65,18 +90,28 @@ def load_model(path: str | os.PathLike, *, device: str | None = None) -> HookedT
         state = load_file(str(path / MODEL_WEIGHTS))
     except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"model folder {path} is corrupted ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(
+            f"{path / MODEL_CFG} is not a valid model config: expected a JSON object, got "
+            f"{type(cfg).__name__}"
+        )
     bilinear_layers = cfg.pop("bilinear_layers", [])
-    if "dtype" in cfg and isinstance(cfg["dtype"], str):
-        cfg["dtype"] = getattr(torch, cfg["dtype"])
-    if device is not None:
-        cfg["device"] = device
-    known = set(HookedTransformerConfig.__dataclass_fields__)
-    cfg = {k: v for k, v in cfg.items() if k in known}
-    for derived in ("n_params",):  # recomputed in __post_init__
-        cfg.pop(derived, None)
-    model = HookedTransformer(HookedTransformerConfig(**cfg))
-    if bilinear_layers:
-        to_bilinear(model, layers=bilinear_layers, init="random", seed=0)
+    try:
+        if "dtype" in cfg and isinstance(cfg["dtype"], str):
+            cfg["dtype"] = getattr(torch, cfg["dtype"])
+        if device is not None:
+            cfg["device"] = device
+        else:
+            cfg["device"] = _usable_device(cfg.get("device"), path)
+        known = set(HookedTransformerConfig.__dataclass_fields__)
+        cfg = {k: v for k, v in cfg.items() if k in known}
+        for derived in ("n_params",):  # recomputed in __post_init__
+            cfg.pop(derived, None)
+        model = HookedTransformer(HookedTransformerConfig(**cfg))
+        if bilinear_layers:
+            to_bilinear(model, layers=bilinear_layers, init="random", seed=0)
+    except (AssertionError, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path / MODEL_CFG} is not a valid model config: {e}") from e
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
