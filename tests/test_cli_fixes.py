@@ -228,3 +228,26 @@ def test_load_activations_folder_in_a_list(tmp_path):
     tl_mdl.save_activations(torch.ones(4, 3), tmp_path / "c.safetensors")
     x = tl_mdl.load_activations([tmp_path / "d", tmp_path / "c.safetensors"])
     assert x.shape == (7, 3)
+
+
+# ------------------------------------------------------------------------ minor: IDX files
+
+
+@pytest.mark.parametrize("data", [b"\x00\x00\x08\x03\x00\x00", b"\x00\x00\x08\x01"])
+def test_idx_truncated_header_is_a_clear_error(tmp_path, data):
+    from tl_mdl.data import _read_idx
+
+    (tmp_path / "x-idx3-ubyte").write_bytes(data)
+    with pytest.raises(ValueError, match="truncated"):
+        _read_idx(tmp_path / "x-idx3-ubyte")
+
+
+def test_idx_truncated_gzip_is_a_clear_error(tmp_path):
+    import gzip
+
+    from tl_mdl.data import _read_idx
+
+    blob = gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x04abcd")
+    (tmp_path / "x.gz").write_bytes(blob[:-6])
+    with pytest.raises(ValueError, match="x.gz"):
+        _read_idx(tmp_path / "x.gz")

@@ -37,13 +37,21 @@ def _package_pickle() -> Path:
 
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        data = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (EOFError, gzip.BadGzipFile) as e:
+        raise ValueError(f"{path} is not a readable gzip file ({e})") from e
     if len(data) < 4:
         raise ValueError(f"{path} is not an IDX file (too short)")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4]!r})")
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(
+            f"{path} is truncated: its IDX header declares {ndim} dimensions "
+            f"({4 + 4 * ndim} header bytes) but the file has {len(data)} bytes"
+        )
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
