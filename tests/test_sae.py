@@ -348,3 +348,15 @@ def test_load_sae_lens_topk_with_decoder_norm_rescaling(tmp_path):
     ours = SAE.load(tmp_path)
     x = torch.randn(20, 8, generator=g)
     torch.testing.assert_close(ours(x), lens(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_sae_saved_on_a_gpu_loads_on_cpu_with_a_warning(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the saved device is usable")
+    sae = SAE(SAEConfig(d_in=4, d_sae=8), seed=0)
+    sae.cfg.device = "cuda"  # as if saved from a GPU
+    sae.save(tmp_path)
+    with pytest.warns(UserWarning, match="saved on device 'cuda', which is not available"):
+        back = SAE.load(tmp_path)
+    assert back.W_enc.device.type == "cpu" and back.cfg.device == "cpu"
+    assert torch.equal(back.W_enc, sae.W_enc)

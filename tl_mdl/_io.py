@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -112,3 +114,28 @@ def load_activations(paths: str | os.PathLike | list) -> torch.Tensor:
     if len({a.shape[1] for a in parts}) > 1:
         raise ValueError(f"activation shards disagree on d_in: {[a.shape[1] for a in parts]}")
     return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def usable_device(saved: Any, path: Path) -> str | None:
+    """The device a model or SAE was saved on if this machine has it, else ``"cpu"`` (with
+    a warning naming ``path``); ``None`` when nothing was saved."""
+    if saved is None:
+        return None
+    try:
+        dev = torch.device(saved)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is not None:
+        if dev.type == "cpu":
+            return str(saved)
+        if dev.type == "cuda" and torch.cuda.is_available():
+            if dev.index is None or dev.index < torch.cuda.device_count():
+                return str(saved)
+        if dev.type == "mps" and torch.backends.mps.is_available():
+            return str(saved)
+    warnings.warn(
+        f"{path} was saved on device {saved!r}, which is not available here; loading it on "
+        "cpu (pass device= to choose)",
+        stacklevel=3,
+    )
+    return "cpu"

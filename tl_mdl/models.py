@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from tl_mdl._io import atomic_write
+from tl_mdl._io import atomic_write, usable_device
 from tl_mdl.bilinear import BilinearMLP, to_bilinear
 
 MODEL_CFG = "model_cfg.json"
@@ -52,30 +51,6 @@ def save_model(model: HookedTransformer, path: str | os.PathLike) -> Path:
     return path
 
 
-def _usable_device(saved: Any, path: Path) -> str | None:
-    """The device a model was saved on if this machine has it, else ``"cpu"`` (with a warning)."""
-    if saved is None:
-        return None
-    try:
-        dev = torch.device(saved)
-    except (RuntimeError, TypeError, ValueError):
-        dev = None
-    if dev is not None:
-        if dev.type == "cpu":
-            return str(saved)
-        if dev.type == "cuda" and torch.cuda.is_available():
-            if dev.index is None or dev.index < torch.cuda.device_count():
-                return str(saved)
-        if dev.type == "mps" and torch.backends.mps.is_available():
-            return str(saved)
-    warnings.warn(
-        f"{path} was saved on device {saved!r}, which is not available here; loading it on "
-        "cpu (pass device= to choose)",
-        stacklevel=3,
-    )
-    return "cpu"
-
-
 def load_model(path: str | os.PathLike, *, device: str | None = None) -> HookedTransformer:
     """Inverse of :func:`save_model`."""
     path = Path(path)
@@ -102,7 +77,7 @@ def load_model(path: str | os.PathLike, *, device: str | None = None) -> HookedT
         if device is not None:
             cfg["device"] = device
         else:
-            cfg["device"] = _usable_device(cfg.get("device"), path)
+            cfg["device"] = usable_device(cfg.get("device"), path)
         known = set(HookedTransformerConfig.__dataclass_fields__)
         cfg = {k: v for k, v in cfg.items() if k in known}
         for derived in ("n_params",):  # recomputed in __post_init__

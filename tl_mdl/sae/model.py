@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from tl_mdl._io import atomic_write
+from tl_mdl._io import atomic_write, usable_device
 from tl_mdl._sparse import topk
 from tl_mdl.sae.config import SAEConfig, dtype_to_str
 
@@ -405,6 +405,8 @@ def read_sae_folder(
         )
     if device is not None:
         cfg_dict["device"] = device
+    elif cfg_dict.get("device") is not None:  # saved on a GPU, loaded where there is none
+        cfg_dict["device"] = usable_device(cfg_dict["device"], path)
     if dtype is not None:
         cfg_dict["dtype"] = dtype
     return cfg_dict, state, weights_path
