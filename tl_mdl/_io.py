@@ -6,7 +6,7 @@ import os
 import stat
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,32 +68,31 @@ def save_activations(activations: torch.Tensor, path: str | os.PathLike) -> Path
     return path
 
 
+def resolve_shards(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Safetensors files from a file, a folder of ``*.safetensors`` shards, or a list of
+    either (folders expanded in sorted order)."""
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(p.glob("*.safetensors"))
+            if not found:
+                raise FileNotFoundError(f"no *.safetensors activation shards in folder {p}")
+            files.extend(found)
+        else:
+            files.append(p)
+    if not files:
+        raise ValueError(
+            "no activation files given; pass safetensors files or a folder of them"
+        )
+    return files
+
+
 def load_activations(paths: str | os.PathLike | list) -> torch.Tensor:
     """Load one or several safetensors shards (each with an ``activations`` tensor
     ``[N_i, d_in]``) or a folder of ``*.safetensors`` shards, concatenated along N."""
-    if isinstance(paths, (str, os.PathLike)):
-        p = Path(paths)
-        if p.is_dir():
-            files = sorted(p.glob("*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"no *.safetensors activation shards in folder {p}")
-        else:
-            files = [p]
-    else:
-        files = []
-        for x in paths:
-            p = Path(x)
-            if p.is_dir():
-                found = sorted(p.glob("*.safetensors"))
-                if not found:
-                    raise FileNotFoundError(f"no *.safetensors activation shards in folder {p}")
-                files.extend(found)
-            else:
-                files.append(p)
-        if not files:
-            raise ValueError(
-                "no activation files given; pass safetensors files or a folder of them"
-            )
+    files = resolve_shards(paths)
     parts = []
     for f in files:
         if not f.is_file():

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tl_mdl._io import ACTIVATIONS_KEY
+from tl_mdl._io import ACTIVATIONS_KEY, resolve_shards
 
 #: safetensors dtype tag -> (bytes per element, numpy dtype to read raw, torch dtype)
 _DTYPES = {
@@ -113,23 +113,6 @@ def read_rows(info: ShardInfo, start: int, stop: int, fh=None) -> Tensor:
     return t.view(stop - start, info.d_in)
 
 
-def _resolve(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    files: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(p.glob("*.safetensors"))
-            if not found:
-                raise FileNotFoundError(f"no *.safetensors activation shards in folder {p}")
-            files.extend(found)
-        else:
-            files.append(p)
-    if not files:
-        raise ValueError("no activation shards given (paths is empty)")
-    return files
-
-
 class ShardedActivations:
     """Shuffled ``[batch_size, d_in]`` batches streamed from safetensors shards on disk.
 
@@ -179,7 +162,7 @@ class ShardedActivations:
                 f"buffer_size={buffer_size} is smaller than batch_size={batch_size}; the "
                 "shuffle buffer must hold at least one batch"
             )
-        self.shards = [read_shard_header(p) for p in _resolve(paths)]
+        self.shards = [read_shard_header(p) for p in resolve_shards(paths)]
         d_ins = {s.d_in for s in self.shards}
         if len(d_ins) > 1:
             found = [(str(s.path), s.d_in) for s in self.shards]
