@@ -409,3 +409,8 @@ def test_subprocess_score_json_and_error(files):
     assert bad.returncode == 2
     assert bad_err.strip().startswith("error: ") and "\n" not in bad_err.strip(), bad_err
     assert "d_in=8" in bad_err and "Traceback" not in bad_err and bad_out == ""
+
+
+def test_decompose_svd_refuses_index(files):
+    assert_user_error(run("decompose", files["model"], "--layer", "1", "--directions", "svd",
+                          "--index", "3"), "--index", "drop --index")

@@ -731,6 +731,11 @@ def decompose(
         )
     d_model = model.cfg.d_model
     if directions == "svd":
+        if index is not None:
+            raise ValueError(
+                "--index picks token ids or SAE features; with --directions svd the top --k "
+                "singular directions are used; drop --index"
+            )
         svd = output_svd(mlp, min(k, d_model))
         U, idx = svd.out_dirs, list(range(svd.out_dirs.shape[0]))
         labels = [f"svd {i} (σ={float(s):.4g})" for i, s in enumerate(svd.values)]
