@@ -406,3 +406,29 @@ def test_anneal_frac_above_one_fails_before_training():
     with pytest.raises(ValueError, match="anneal_frac=1.5 does not bring"):
         anneal_to_bilinear(model, tokens, 4, anneal_frac=1.5, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_eigendecompose_validates_inputs():
+    mlp = random_mlp(6, 9)  # d = d_model + 1 = 7 with the bias folded in
+    U = torch.randn(2, 6, dtype=F64)
+    assert eigendecompose(mlp, U, k=7).values.shape == (2, 7)  # k = d is the full spectrum
+    with pytest.raises(ValueError, match="k=8 exceeds d=7"):
+        eigendecompose(mlp, U, k=8)
+    with pytest.raises(ValueError, match="k=8 exceeds d=6"):
+        eigendecompose(mlp, U, k=8, bias=False)
+    for k in (0, -2):
+        with pytest.raises(ValueError, match=f"k={k} must be a positive number"):
+            eigendecompose(mlp, U, k=k)
+    with pytest.raises(ValueError, match="out_dirs has no directions; pass at least one"):
+        eigendecompose(mlp, torch.zeros(0, 6, dtype=F64))
+    for cs in (0, -1):
+        with pytest.raises(ValueError, match=f"chunk_size={cs} must be a positive int"):
+            eigendecompose(mlp, U, chunk_size=cs)
+        with pytest.raises(ValueError, match=f"chunk_size={cs} must be a positive int"):
+            iter_eigendecompose(mlp, U, chunk_size=cs)  # checked on call, not on first next()
+    for dt in (torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match="needs float32 or float64"):
+            eigendecompose(mlp, U, dtype=dt)
+    eig = eigendecompose(mlp, U)
+    with pytest.raises(ValueError, match="k=-1 must be an int >= 0"):
+        eigen_expansion(eig, torch.randn(3, 6, dtype=F64), k=-1)

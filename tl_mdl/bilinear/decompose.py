@@ -18,6 +18,7 @@ In a transformer, ``x`` is the MLP's *input*, i.e. the residual stream after ``l
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -280,6 +281,16 @@ def _eigh_chunk(Q: Tensor, k: int | None) -> Eigen:
     return _sort_by_abs(values, vectors, None)
 
 
+def _as_int(v) -> int | None:
+    """``v`` as a Python int (ints, NumPy ints, 0-d integer tensors), else None (bools too)."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
 def iter_eigendecompose(
     mlp,
     out_dirs: Float[Tensor, "n d_out"],
@@ -292,11 +303,35 @@ def iter_eigendecompose(
     progress: bool = False,
 ) -> Iterator[tuple[slice, Eigen]]:
     """Streaming :func:`eigendecompose`: yields ``(rows, Eigen)`` per chunk of ``chunk_size``
-    directions, so peak memory is ``O(chunk_size · d²)`` whatever ``n`` is."""
+    directions, so peak memory is ``O(chunk_size · d²)`` whatever ``n`` is. Arguments are
+    checked when called, before the first chunk."""
+    if k is not None and (_as_int(k) is None or k < 1):
+        raise ValueError(f"k={k!r} must be a positive number of eigenpairs (or None for all)")
+    if _as_int(chunk_size) is None or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (directions per chunk)")
     L, R, W_out = folded_weights(mlp, bias=bias, in_basis=in_basis, dtype=dtype)
+    if L.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"eigendecomposition needs float32 or float64, got {L.dtype}; pass "
+            "dtype=torch.float32 or dtype=torch.float64"
+        )
     U = _out_dirs(out_dirs, W_out.shape[1], W_out)
-    if k is not None and k < 1:
-        raise ValueError(f"k={k} must be a positive number of eigenpairs (or None for all)")
+    if U.shape[0] == 0:
+        raise ValueError("out_dirs has no directions; pass at least one")
+    d = L.shape[0]
+    if k is not None and k > d:
+        raise ValueError(
+            f"k={k} exceeds d={d}, the number of eigenpairs per direction; "
+            "pass k <= d (or k=None for all)"
+        )
+    k = None if k is None else _as_int(k)
+    return _iter_eigen_chunks(L, R, W_out, U, k, _as_int(chunk_size), progress)
+
+
+def _iter_eigen_chunks(
+    L: Tensor, R: Tensor, W_out: Tensor, U: Tensor, k: int | None, chunk_size: int,
+    progress: bool,
+) -> Iterator[tuple[slice, Eigen]]:
     scratch = L.new_empty(L.shape)
     n = U.shape[0]
     starts = range(0, n, chunk_size)
@@ -323,9 +358,11 @@ def eigendecompose(
     of ``out_dirs``, sorted by ``|λ|`` descending: ``values [n, k]``, ``vectors [n, k, d]``
     (rows). ``u·out(x) − u·b_out = Σ_j λ_j (v_j·x̃)²`` exactly when ``k`` is None (all ``d``).
 
-    ``k``: only the ``k`` largest-``|λ|`` eigenpairs, computed exactly with LAPACK subset
-    drivers after one tridiagonal reduction (much cheaper than a full ``eigh``). Directions
-    are processed in chunks of ``chunk_size``; see :func:`iter_eigendecompose` to stream.
+    ``k``: only the ``k`` largest-``|λ|`` eigenpairs (``1 <= k <= d``), computed exactly with
+    LAPACK subset drivers after one tridiagonal reduction (much cheaper than a full ``eigh``).
+    Directions are processed in chunks of ``chunk_size`` (a positive int); see
+    :func:`iter_eigendecompose` to stream. ``dtype`` (default: the weights') must be float32 or
+    float64. Raises ``ValueError`` for ``k > d``, ``k < 1`` or an empty ``out_dirs``.
     """
     chunks = list(
         iter_eigendecompose(
@@ -345,6 +382,8 @@ def eigen_expansion(
     ``x̃ = [x; 1]`` when the eigenvectors have ``d_in + 1`` entries (bias folded), else ``x``.
     ``x`` is in the decomposition's input basis (coordinates ``f`` if ``in_basis`` was used)."""
     values, vectors = eigen
+    if k is not None and (_as_int(k) is None or k < 0):
+        raise ValueError(f"k={k!r} must be an int >= 0 (eigenpairs kept per direction) or None")
     if k is not None:
         values, vectors = values[:, :k], vectors[:, :k]
     d = vectors.shape[-1]
