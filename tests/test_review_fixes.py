@@ -346,3 +346,25 @@ def test_sweep_trains_the_mdl_surrogate_at_its_tolerance():
     assert _bitwise_equal(row["sae"], alone)
     default = train_sae(x, SAEConfig(d_in=8, d_sae=16), "mdl", sparsity=1e-3, seed=0, **TRAIN)
     assert not _bitwise_equal(row["sae"], default)
+
+
+def test_a_checkpoint_resumes_on_another_device(tmp_path, monkeypatch):
+    """A run checkpointed on a GPU (its config says cuda) resumes on the CPU: the device is
+    not part of what must match; the result equals an uninterrupted run."""
+    import tl_mdl.training.trainer as trainer
+
+    x = _data()
+    cfg = SAEConfig(d_in=8, d_sae=16)
+    kw = dict(batch_size=64, lr=3e-3, progress=False, lr_decay_frac=0.0)
+    train_sae(x, cfg, steps=4, checkpoint_dir=tmp_path, checkpoint_every=4, **kw)
+    real = trainer.load_checkpoint
+
+    def from_gpu(path):
+        meta, tensors = real(path)
+        meta["sae_cfg"]["device"] = "cuda:0"
+        return meta, tensors
+
+    monkeypatch.setattr(trainer, "load_checkpoint", from_gpu)
+    resumed = train_sae(x, cfg, steps=8, checkpoint_dir=tmp_path, checkpoint_every=4, **kw)
+    whole = train_sae(x, cfg, steps=8, **kw)
+    assert _bitwise_equal(resumed, whole)

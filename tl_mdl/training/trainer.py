@@ -58,10 +58,11 @@ RESUME_MAY_DIFFER = ("steps", "epochs", "checkpoint_every", "log_every")
 
 def _check_resumable(ckpt: Path, meta: dict[str, Any], cfg: Any, tc: TrainConfig) -> None:
     """Raise unless the checkpoint ``meta`` continues this run: the same SAE config (its
-    ``metadata`` aside) and the same training settings but :data:`RESUME_MAY_DIFFER`."""
-    saved = type(cfg).from_dict(meta["sae_cfg"])
-    if replace(saved, metadata={}) != replace(cfg, metadata={}):
-        a, b = asdict(replace(saved, metadata={})), asdict(replace(cfg, metadata={}))
+    ``metadata`` and ``device`` aside: a run may move, e.g. from a GPU to the CPU) and the
+    same training settings but :data:`RESUME_MAY_DIFFER`."""
+    saved = replace(type(cfg).from_dict(meta["sae_cfg"]), metadata={}, device=cfg.device)
+    if saved != replace(cfg, metadata={}):
+        a, b = asdict(saved), asdict(replace(cfg, metadata={}))
         diff = ", ".join(f"{k}={a[k]!r} there, {b[k]!r} here" for k in a if a[k] != b.get(k))
         raise ValueError(
             f"checkpoint in {ckpt} is for a different SAE config ({diff}); pass another "
