@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from tl_mdl._io import atomic_write, usable_device
@@ -389,9 +389,9 @@ def read_sae_folder(
     if not isinstance(cfg_dict, dict):
         raise ValueError(f"{cfg_path} is not an SAE config (a JSON object)")
     try:
-        with safe_open(str(weights_path), framework="pt") as fh:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as fh:
             expected = (fh.metadata() or {}).get(CFG_HASH_KEY)
-        state = load_file(str(weights_path), device="cpu")
+            state = {k: fh.get_tensor(k) for k in fh.keys()}  # one read: header and tensors
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(
             f"{weights_path} could not be read ({e}); the file is truncated or not safetensors"
