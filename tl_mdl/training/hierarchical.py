@@ -218,7 +218,7 @@ def sweep_hierarchical(
             continue
         rep = hierarchical_dl_report(sae, eval_activations, tolerance=tolerance)
         p_active = rep.features["p_active"]
-        row_out = {
+        row = {
             "n_parents": p,
             "children_per_parent": c,
             "child_topk": child_topk,
@@ -232,8 +232,7 @@ def sweep_hierarchical(
             "path": str(folder) if folder is not None else "",
             SETTINGS_KEY: settings,
         }
-        store_row(folder, sae, row_out, trained)
-        row = row_out
+        store_row(folder, sae, row, trained)
         row["sae"] = sae
         table.rows.append(row)
         if out is not None:

@@ -180,33 +180,28 @@ def save_scores(folder: Path, row: dict[str, Any]) -> None:
 
 
 def load_scored(
-    folder: Path | None, sae_cls: Any, settings: dict[str, Any] | None = None
+    folder: Path | None, sae_cls: Any, settings: dict[str, Any]
 ) -> dict[str, Any] | None:
     """The row saved by :func:`save_scored` with its SAE loaded (resume), or None.
 
-    With ``settings`` (see :func:`row_settings`) the row is returned only when it was
-    trained with the same ``settings["train"]``; ``row["rescore"]`` is then True when it was
-    scored with other ``settings["score"]`` (keep the SAE, score it again). A row without
-    recorded settings (an older tl_mdl), or whose SAE does not load, is not reused."""
+    The row is returned only when it was trained with the same ``settings["train"]`` (see
+    :func:`row_settings`); ``row["rescore"]`` is then True when it was scored with other
+    ``settings["score"]`` (keep the SAE, score it again). A row without recorded settings
+    (an older tl_mdl), unreadable, or whose SAE does not load, is not reused."""
     if folder is None or not (folder / "scores.json").is_file():
         return None
     try:
         row = json.loads((folder / "scores.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        if settings is not None:
-            return None  # unreadable: train again
-        raise
-    if settings is not None:
-        stored = row.get(SETTINGS_KEY) if isinstance(row, dict) else None
-        if not isinstance(stored, dict) or stored.get("train") != settings["train"]:
-            return None
-        row["rescore"] = stored.get("score") != settings["score"]
-        try:
-            row["sae"] = sae_cls.load(folder)
-        except (OSError, ValueError):  # e.g. a save interrupted by a crash: train again
-            return None
-        return row
-    row["sae"] = sae_cls.load(folder)
+        return None  # unreadable: train again
+    stored = row.get(SETTINGS_KEY) if isinstance(row, dict) else None
+    if not isinstance(stored, dict) or stored.get("train") != settings["train"]:
+        return None
+    row["rescore"] = stored.get("score") != settings["score"]
+    try:
+        row["sae"] = sae_cls.load(folder)
+    except (OSError, ValueError):  # e.g. a save interrupted by a crash: train again
+        return None
     return row
 
 
@@ -301,7 +296,7 @@ def sweep(
             table.rows.append(stored)
             continue
         rep = description_length(sae, eval_activations, tolerance=tolerance)
-        row_out = {
+        row = {
             "width": width,
             "sparsity": sp,
             "objective": objective,
@@ -310,8 +305,7 @@ def sweep(
             "path": str(folder) if folder is not None else "",
             SETTINGS_KEY: settings,
         }
-        store_row(folder, sae, row_out, trained)
-        row = row_out
+        store_row(folder, sae, row, trained)
         row["sae"] = sae
         row["grid_index"] = index
         table.rows.append(row)
