@@ -311,7 +311,7 @@ class _QuantizedFVU:
         self.abs_max = max(-lo, hi)
         self._cand: _Candidates | None = None
         self.n_nonzero = sum(  # per row block: small temporaries
-            int(torch.count_nonzero(b)) for b in latents.split(_block_rows(self.n, self.f))
+            int(torch.count_nonzero(b != 0)) for b in latents.split(_block_rows(self.n, self.f))
         )
         if self.n_nonzero <= _SPARSE_DENSITY * latents.numel():
             self._cand = _Candidates(0.0, latents, self.nonneg)  # all nonzero latents
