@@ -12,12 +12,14 @@ import textwrap
 
 import pytest
 import torch
+from builders import edit_model_cfg
 from safetensors.torch import load_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from typer.testing import CliRunner
 
 import tl_mdl
-from tl_mdl.cli import app
+from tl_mdl import cli
+from tl_mdl.cli import QUICK_ARGS, Demo, app
 from tl_mdl.models import save_model
 
 D_IN = 16
@@ -414,3 +416,95 @@ def test_subprocess_score_json_and_error(files):
 def test_decompose_svd_refuses_index(files):
     assert_user_error(run("decompose", files["model"], "--layer", "1", "--directions", "svd",
                           "--index", "3"), "--index", "drop --index")
+
+
+# ---------------------------------------------------------------------- demo --quick arguments
+def _opt(args, name):
+    return args[args.index(name) + 1]
+
+
+def test_mnist_quick_trains_longer_with_a_reachable_threshold():
+    args = QUICK_ARGS[Demo.mnist]
+    assert int(_opt(args, "--epochs")) >= 5
+    assert float(_opt(args, "--fvu-threshold")) >= 0.5
+    assert _opt(args, "--out") == "out/mnist_mdl_quick"
+
+
+def test_lm_quick_has_its_own_out_folder():
+    args = QUICK_ARGS[Demo.lm]
+    assert "--quick" in args
+    assert _opt(args, "--out") == "out/lm_study_quick"
+
+
+def test_every_quick_run_has_its_own_out_folder():
+    outs = [_opt(a, "--out") for a in QUICK_ARGS.values()]
+    assert all(o.endswith("_quick") for o in outs) and len(set(outs)) == len(outs)
+
+
+
+# ------------------------------------------------------------------------------------ --device
+def test_check_device():
+    cli._check_device("cpu")
+    with pytest.raises(ValueError, match="'foo' is not a torch device"):
+        cli._check_device("foo")
+
+
+def test_check_device_cuda_unavailable(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="use --device cpu"):
+        cli._check_device("cuda")
+
+
+@pytest.mark.parametrize("command", ["score", "train", "decompose"])
+def test_bad_device_is_a_user_error(files, tmp_path, command):
+    args = {
+        "score": ["score", files["sae"], files["acts"]],
+        "train": ["train", files["acts"], "--out", tmp_path / "t", "--width", "8"],
+        "decompose": ["decompose", files["model"], "--layer", "0"],
+    }[command]
+    assert_user_error(run(*args, "--device", "foo"), "--device 'foo'", "not a torch device")
+
+
+def test_cuda_device_without_cuda_is_a_user_error(files, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = run("score", files["sae"], files["acts"], "--device", "cuda")
+    assert_user_error(r, "--device 'cuda'", "--device cpu")
+
+
+
+# ------------------------------------------------------- sweep: --sparsities and the selection
+@pytest.mark.parametrize("lam", ["-0.1", "nan", "inf"])
+@pytest.mark.parametrize("objective", ["mdl", "l1"])
+def test_sweep_rejects_bad_lambda(files, tmp_path, objective, lam):
+    r = run(
+        "sweep", files["acts"], "--out", tmp_path / "s", "--objective", objective,
+        "--sparsities", f"0.1,{lam}", "--widths", "8", "--steps", "1", "--no-progress",
+    )  # fmt: skip
+    assert_user_error(r, "--sparsities", ">= 0")
+    assert not (tmp_path / "s").exists()
+
+
+def test_sweep_rejects_non_positive_k(files, tmp_path):
+    r = run(
+        "sweep", files["acts"], "--out", tmp_path / "s", "--objective", "topk",
+        "--sparsities", "2,0", "--widths", "8", "--steps", "1", "--no-progress",
+    )  # fmt: skip
+    assert_user_error(r, "--sparsities", "> 0")
+
+
+def test_sweep_no_pick_names_fvu_threshold(files, tmp_path):
+    r = run(
+        "sweep", files["acts"], "--out", tmp_path / "s", "--objective", "topk",
+        "--sparsities", "2", "--widths", "8", "--steps", "2", "--fvu-threshold", "1e-6",
+        "--no-progress",
+    )  # fmt: skip
+    assert_user_error(r, "--fvu-threshold 1e-06", "--epochs", "--widths")
+    assert "raise the tolerance" not in r.stderr
+
+
+
+# ---------------------------------------------------------------------- decompose: model files
+def test_decompose_on_a_corrupt_config_is_a_user_error(files, tmp_path):
+    path = edit_model_cfg(files["model"], tmp_path / "m", lambda c: "text")
+    assert_user_error(run("decompose", path, "--layer", "0"), "not a valid model config")
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from builders import exact_identity_sae, random_sae, tiny_model
 
 from tl_mdl import SAE, ActivationStore, SAEConfig, attach_sae
 from tl_mdl.hooks import SAE_HOOK_NAMES
@@ -22,60 +22,6 @@ HOOKS = [  # (hook, d_in) on the tiny model
     ("blocks.1.hook_mlp_out", 16),
 ]
 ACTS = ["relu", "topk", "jumprelu"]
-
-
-def tiny_model(act_fn: str = "gelu", gated: bool = False, seed: int = 0) -> HookedTransformer:
-    cfg = HookedTransformerConfig(
-        n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=16,
-        act_fn=act_fn, gated_mlp=gated, seed=seed,
-    )
-    model = HookedTransformer(cfg)
-    model.eval()
-    return model
-
-
-def random_sae(d_in: int, activation: str = "relu", d_sae: int = 48, seed: int = 1,
-               k: int = 5, **kw) -> SAE:
-    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, activation=activation,
-                    k=k if activation == "topk" else None, **kw)
-    sae = SAE(cfg, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        sae.W_enc.mul_(5)
-        sae.b_enc.copy_(0.05 * torch.randn(d_sae, generator=gen))
-        sae.b_dec.copy_(0.1 * torch.randn(d_in, generator=gen))
-        if activation == "jumprelu":
-            sae.threshold.fill_(0.05)
-    return sae
-
-
-def exact_identity_sae(d_in: int) -> SAE:
-    """``relu(x) − relu(−x) = x``: reconstructs every input exactly (``d_sae = 2 d_in``)."""
-    sae = SAE(SAEConfig(d_in=d_in, d_sae=2 * d_in))
-    eye = torch.eye(d_in)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-    return sae
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP barrier stalls on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model() -> HookedTransformer:
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def tokens() -> torch.Tensor:
-    return torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
 
 
 def flat(a: torch.Tensor, d_in: int) -> torch.Tensor:

@@ -7,12 +7,12 @@ import itertools
 
 import pytest
 import torch
+from builders import random_sae
 from sae_lens import SAE as SLSAE
 from sae_lens import HookedSAETransformer, SAETrainer
 from sae_lens.config import SAETrainerConfig
 from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.sae import TrainStepInput
-from test_hooks import random_sae
 from transformer_lens import HookedTransformerConfig
 
 from tl_mdl import SAE, attach_sae, from_sae_lens, to_sae_lens
@@ -27,24 +27,11 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model() -> HookedSAETransformer:
     cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32,
                                   d_vocab=50, n_ctx=16, act_fn="gelu", seed=0)
     return HookedSAETransformer(cfg)
-
-
-@pytest.fixture(scope="module")
-def tokens() -> torch.Tensor:
-    return torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(2))
 
 
 def sl_logits(model, sae, tokens, **kw):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import tl_mdl
 from tl_mdl import load_activations, save_activations
 from tl_mdl._io import atomic_write
 
@@ -130,3 +133,51 @@ def test_atomic_write_failure_keeps_old_file_and_no_temp(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(tmp_path / "new.txt", lambda p: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+# -------------------------------------------------------------------- saved files: permissions
+def _plain_open_mode(folder):
+    p = folder / "plain"
+    with open(p, "w"):
+        pass
+    mode = stat.S_IMODE(os.stat(p).st_mode)
+    p.unlink()
+    return mode
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_saved_files_get_the_mode_of_a_plain_open(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        expected = _plain_open_mode(tmp_path)
+        acts = tl_mdl.save_activations(torch.zeros(2, 3), tmp_path / "a.safetensors")
+        tl_mdl.SAE(tl_mdl.SAEConfig(d_in=3, d_sae=4), seed=0).save(tmp_path / "sae")
+    finally:
+        os.umask(old)
+    files = [acts, *(tmp_path / "sae").iterdir()]
+    assert len(files) >= 3
+    for f in files:
+        assert stat.S_IMODE(os.stat(f).st_mode) == expected, f
+
+
+def test_overwrite_keeps_the_existing_mode(tmp_path):
+    path = tl_mdl.save_activations(torch.zeros(2, 3), tmp_path / "a.safetensors")
+    os.chmod(path, 0o640)
+    tl_mdl.save_activations(torch.ones(2, 3), path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+
+
+
+# --------------------------------------------------------------------- load_activations: lists
+def test_load_activations_empty_list():
+    with pytest.raises(ValueError, match="no activation files"):
+        tl_mdl.load_activations([])
+
+
+def test_load_activations_folder_in_a_list(tmp_path):
+    tl_mdl.save_activations(torch.zeros(2, 3), tmp_path / "d" / "a.safetensors")
+    tl_mdl.save_activations(torch.ones(1, 3), tmp_path / "d" / "b.safetensors")
+    tl_mdl.save_activations(torch.ones(4, 3), tmp_path / "c.safetensors")
+    x = tl_mdl.load_activations([tmp_path / "d", tmp_path / "c.safetensors"])
+    assert x.shape == (7, 3)
+

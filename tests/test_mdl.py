@@ -454,3 +454,28 @@ def test_description_length_bad_activations():
         description_length(sae, bad)
     with pytest.raises(ValueError, match="nope"):
         description_length(sae, x, loss="nope")
+
+
+# ------------------------------------------------------ description_length: non-finite latents
+@pytest.mark.parametrize("kw", [{}, {"bin_width": 0.1}, {"max_memory_mb": 1e-4}])
+def test_nan_latents_name_the_row_feature_and_weights(kw):
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0)).abs()
+    bad = SAE(SAEConfig(d_in=4, d_sae=8))
+    with torch.no_grad():
+        bad.W_enc[0, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"nan at row 0, feature 2.*W_enc.*W_enc / b_enc"):
+        description_length(bad, x, **kw)
+
+
+@pytest.mark.parametrize("kw", [{}, {"max_memory_mb": 1e-4}])
+def test_overflowing_latents_name_the_first_bad_row(kw):
+    """Finite weights whose latents overflow to inf on one row (37): in memory and chunked
+    (the chunked path counts rows across chunks)."""
+    x = torch.full((50, 4), 0.5)
+    x[37, 1] = 4.0
+    sae = SAE(SAEConfig(d_in=4, d_sae=8, apply_b_dec_to_input=False))
+    with torch.no_grad():
+        sae.W_enc[1, 5] = 3e38
+    with pytest.raises(ValueError, match=r"inf at row 37, feature 5.*parameters are finite"):
+        description_length(sae, x, **kw)
+

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 from beartype import beartype
+from builders import exact_identity_sae, random_sae
 from jaxtyping import jaxtyped
-from test_hooks import exact_identity_sae, random_sae, tiny_model
 
 import tl_mdl.mdl
 from tl_mdl import attach_sae, evaluate
@@ -26,14 +26,6 @@ from tl_mdl.metrics import (
 from tl_mdl.metrics.core import l0 as l0_raw
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_fvu_is_the_mdl_definition():
@@ -109,16 +101,6 @@ def test_metric_signatures_typecheck():
     checked_ev = jaxtyped(typechecker=beartype)(explained_variance)
     with pytest.raises(Exception):  # noqa: B017 (jaxtyping raises its own error type)
         checked_ev(torch.ones(3, 4), torch.ones(3, 5))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def tokens():
-    return torch.randint(0, 50, (6, 12), generator=torch.Generator().manual_seed(1))
 
 
 def test_evaluate_identity_sae(model, tokens):

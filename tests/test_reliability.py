@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from builders import tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -174,24 +175,6 @@ def test_nan_in_iterable_batch_names_the_step():
 
 
 # -------------------------------------------------------------------- models
-def tiny_model(**kw) -> HookedTransformer:
-    cfg = dict(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=16,
-               act_fn="gelu", seed=0)
-    model = HookedTransformer(HookedTransformerConfig(**{**cfg, **kw}))
-    model.eval()
-    return model
-
-
-@pytest.fixture(scope="module")
-def model() -> HookedTransformer:
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def tokens() -> torch.Tensor:
-    return torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
-
-
 def test_nan_in_store_activations_names_hook_and_batch(tmp_path, tokens):
     model = tiny_model()
     bad_tokens = tokens.clone()
@@ -525,7 +508,7 @@ def test_device_mismatch_is_a_clear_error_without_a_gpu():
     """A device mismatch, exercised with the 'meta' device (no GPU needed): attaching an
     SAE whose weights live elsewhere than the model names both devices and the fix."""
     import pytest
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig
 
     import tl_mdl
 

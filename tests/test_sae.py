@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from pathlib import Path
+from unittest import mock
 
+import numpy as np
 import pytest
 import torch
+from builders import bitwise_equal
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tl_mdl.sae import SAE, SAEConfig, identity_sae
+import tl_mdl.sae.model as sae_model
+from tl_mdl.sae import SAE, HierarchicalSAE, HierarchicalSAEConfig, SAEConfig, identity_sae
 from tl_mdl.sae.model import CFG_FILENAME, WEIGHTS_FILENAME
 
 ACTS = [("relu", {}), ("topk", {"k": 3}), ("jumprelu", {})]
@@ -360,3 +367,109 @@ def test_sae_saved_on_a_gpu_loads_on_cpu_with_a_warning(tmp_path):
         back = SAE.load(tmp_path)
     assert back.W_enc.device.type == "cpu" and back.cfg.device == "cpu"
     assert torch.equal(back.W_enc, sae.W_enc)
+
+
+# --------------------------------------- save as a pair: the weights carry their config's hash
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_unserialisable_metadata_raises_before_touching_the_folder(tmp_path):
+    old = SAE(SAEConfig(d_in=4, d_sae=8, activation="topk", k=2), seed=1)
+    old.save(tmp_path)
+    before = _files(tmp_path)
+    new = SAE(SAEConfig(d_in=4, d_sae=8, activation="topk", k=5,
+                        metadata={"ok": 1, "scale": np.float32(2.0)}), seed=2)
+    with pytest.raises(TypeError, match=r"metadata\.scale.*numpy\.float32.*float\(x\)"):
+        new.save(tmp_path)
+    assert _files(tmp_path) == before  # bit for bit: nothing written
+    assert bitwise_equal(SAE.load(tmp_path), old)
+    with pytest.raises(TypeError, match=r"metadata\.scale"):  # a fresh folder is not made
+        new.save(tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_weights_carry_the_hash_of_their_config(tmp_path):
+    sae = SAE(SAEConfig(d_in=4, d_sae=8, metadata={"a": [1, 2]}), seed=3)
+    sae.save(tmp_path)
+    text = (tmp_path / "cfg.json").read_text()
+    canonical = json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
+    with safe_open(str(tmp_path / "sae_weights.safetensors"), framework="pt") as fh:
+        stored = fh.metadata()[sae_model.CFG_HASH_KEY]
+    assert stored == hashlib.sha256(canonical.encode()).hexdigest()
+    # whitespace and key order do not count; the content does
+    (tmp_path / "cfg.json").write_text(json.dumps(json.loads(text)))
+    assert bitwise_equal(SAE.load(tmp_path), sae)
+
+
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_crash_between_the_two_writes_is_detected(tmp_path, hierarchical):
+    if hierarchical:
+        old = HierarchicalSAE(HierarchicalSAEConfig(d_in=4, n_parents=2, children_per_parent=1))
+        cfg = HierarchicalSAEConfig(d_in=4, n_parents=2, children_per_parent=1, child_topk=1)
+        new, cls = HierarchicalSAE(cfg, seed=5), HierarchicalSAE
+    else:  # same shapes: the shape check alone cannot see the mix
+        old = SAE(SAEConfig(d_in=4, d_sae=8, activation="topk", k=2), seed=1)
+        new, cls = SAE(SAEConfig(d_in=4, d_sae=8, activation="topk", k=5), seed=2), SAE
+    old.save(tmp_path)
+    orig, calls = sae_model.atomic_write, {"n": 0}
+
+    def crash_second(target, write):
+        calls["n"] += 1
+        if calls["n"] == 2:  # weights replaced, config not yet
+            raise KeyboardInterrupt("crash")
+        return orig(target, write)
+
+    with mock.patch.object(sae_model, "atomic_write", crash_second):
+        with pytest.raises(KeyboardInterrupt):
+            new.save(tmp_path)
+    with pytest.raises(ValueError, match="different saves.*re-save the SAE"):
+        cls.load(tmp_path)
+    new.save(tmp_path)  # a complete save repairs the folder
+    assert bitwise_equal(cls.load(tmp_path), new)
+
+
+def test_folders_without_the_hash_still_load(tmp_path):
+    """E.g. written by SAELens: weights without metadata, any cfg.json."""
+    sae = SAE(SAEConfig(d_in=4, d_sae=8), seed=4)
+    save_file({k: v.contiguous() for k, v in sae.state_dict().items()},
+              str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps(sae.cfg.to_dict()))
+    assert bitwise_equal(SAE.load(tmp_path), sae)
+
+
+
+# ------------------------------------------------ the config: owned by the SAE, following to()
+def test_cfg_of_an_sae_is_a_copy():
+    cfg = SAEConfig(d_in=4, d_sae=8)
+    sae = SAE(cfg)
+    sae.cfg.metadata["x"] = 1
+    assert cfg.metadata == {}
+
+
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_to_updates_cfg_dtype_and_device(tmp_path, hierarchical):
+    cfg = (HierarchicalSAEConfig(d_in=4, n_parents=2, children_per_parent=1) if hierarchical
+           else SAEConfig(d_in=4, d_sae=8))
+    cls = HierarchicalSAE if hierarchical else SAE
+    sae = cls(cfg).to(torch.float64)
+    assert sae.cfg.dtype == "float64" and cfg.dtype == "float32"
+    sae.save(tmp_path)
+    back = cls.load(tmp_path)
+    assert back.W_enc.dtype == torch.float64 and back.cfg.dtype == "float64"
+    assert bitwise_equal(back, sae)
+    assert sae.half().cfg.dtype == "float16"
+    assert sae.to(torch.bfloat16).cfg.dtype == "bfloat16"
+    assert sae.to("meta").cfg.device == "meta"
+    if hierarchical:
+        assert sae.parent_index.dtype == torch.int64
+
+
+def test_device_names_that_still_fit_are_kept():
+    assert sae_model._same_device("cuda", torch.device("cuda", 1))
+    assert sae_model._same_device("cuda:1", torch.device("cuda", 1))
+    assert not sae_model._same_device("cuda:0", torch.device("cuda", 1))
+    assert not sae_model._same_device("cpu", torch.device("meta"))
+    sae = SAE(SAEConfig(d_in=4, d_sae=8)).to("cpu")
+    assert sae.cfg.device == "cpu"
+

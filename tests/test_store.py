@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from test_hooks import random_sae, tiny_model
+from builders import random_sae, tiny_model
 
 from tl_mdl import ActivationStore, attach_sae, load_activations, train_sae
 from tl_mdl.metrics import evaluate

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
+from builders import SHORT_TRAIN, bitwise_equal, sparse_sums
 
 import tl_mdl
-from tl_mdl import SAE, SAEConfig, description_length, select_mdl, sweep, train_sae
+from tl_mdl import (
+    SAE,
+    HierarchicalSAEConfig,
+    SAEConfig,
+    description_length,
+    select_mdl,
+    sweep,
+    train_sae,
+)
 from tl_mdl.training import load_checkpoint, mdl_penalty
 from tl_mdl.training.trainer import STATE_JSON as _STATE_JSON
 
@@ -168,3 +178,77 @@ def test_public_names():
     for name in ("SAE", "SAEConfig", "quantize", "latent_description_length",
                  "description_length", "train_sae", "sweep", "select_mdl", "codec"):
         assert hasattr(tl_mdl, name), name
+
+
+# ----------------------------------------------------- the caller's config and resume settings
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_training_leaves_the_callers_config_alone(tmp_path, hierarchical):
+    x = sparse_sums()
+    cfg = (HierarchicalSAEConfig(d_in=8, n_parents=3, children_per_parent=1) if hierarchical
+           else SAEConfig(d_in=8, d_sae=16))
+    before = copy.deepcopy(cfg)
+    a = train_sae(x, cfg, "l1", **SHORT_TRAIN)
+    assert cfg == before and cfg.metadata == {}
+    assert a.cfg is not cfg
+    b = train_sae(x, cfg, "mdl", **{**SHORT_TRAIN, "steps": 5, "lr": 5e-3})
+    assert cfg == before
+    assert {k: a.cfg.metadata["training"][k] for k in ("objective", "lr", "steps")} == {
+        "objective": "l1", "lr": 3e-3, "steps": 8}
+    assert {k: b.cfg.metadata["training"][k] for k in ("objective", "lr", "steps")} == {
+        "objective": "mdl", "lr": 5e-3, "steps": 5}
+    # a config carrying an earlier run's metadata resumes that run's checkpoint
+    ck = tmp_path / "ck"
+    first = train_sae(x, cfg, "l1", checkpoint_dir=ck, checkpoint_every=4, **SHORT_TRAIN)
+    again = train_sae(x, first.cfg, "l1", checkpoint_dir=ck, **{**SHORT_TRAIN, "steps": 12})
+    assert again.cfg.metadata["training"]["steps"] == 12
+    assert not bitwise_equal(again, first)  # trained on from step 8
+
+
+def test_resume_refuses_other_training_settings(tmp_path):
+    x, cfg, ck = sparse_sums(), SAEConfig(d_in=8, d_sae=16), tmp_path / "ck"
+    train_sae(x, cfg, "l1", sparsity=0.01, checkpoint_dir=ck, checkpoint_every=4, **SHORT_TRAIN)
+    for change, field in [({"sparsity": 10.0}, "sparsity"), ({"lr": 1e-2}, "lr"),
+                          ({"seed": 1}, "seed"), ({"batch_size": 32}, "batch_size"),
+                          ({"lr_decay_frac": 0.0}, "lr_decay_frac")]:
+        kw = {**SHORT_TRAIN, "sparsity": 0.01, **change}
+        with pytest.raises(ValueError, match=rf"other settings \({field}=.*checkpoint_dir"):
+            train_sae(x, cfg, "l1", checkpoint_dir=ck, **kw)
+    with pytest.raises(ValueError, match="objective='l1' there, 'mdl' here"):
+        train_sae(x, cfg, "mdl", sparsity=0.01, checkpoint_dir=ck, **SHORT_TRAIN)
+    # resume=False starts over; steps / checkpoint_every / log_every may change
+    fresh = train_sae(x, cfg, "l1", sparsity=10.0, checkpoint_dir=ck, resume=False, **SHORT_TRAIN)
+    ref = train_sae(x, cfg, "l1", sparsity=10.0, **SHORT_TRAIN)
+    assert bitwise_equal(fresh, ref)
+    longer = dict(SHORT_TRAIN, steps=16, log_every=3)
+    train_sae(x, cfg, "l1", sparsity=10.0, checkpoint_dir=ck, checkpoint_every=2, **longer)
+
+
+def test_resume_with_more_steps_before_the_decay_matches_an_uninterrupted_run(tmp_path):
+    x, cfg, ck = sparse_sums(), SAEConfig(d_in=8, d_sae=16), tmp_path / "ck"
+    kw = dict(SHORT_TRAIN, lr_decay_frac=0.0)
+    train_sae(x, cfg, "l1", checkpoint_dir=ck, **kw)
+    resumed = train_sae(x, cfg, "l1", checkpoint_dir=ck, **{**kw, "steps": 14})
+    assert bitwise_equal(resumed, train_sae(x, cfg, "l1", **{**kw, "steps": 14}))
+
+
+def test_a_checkpoint_resumes_on_another_device(tmp_path, monkeypatch):
+    """A run checkpointed on a GPU (its config says cuda) resumes on the CPU: the device is
+    not part of what must match; the result equals an uninterrupted run."""
+    import tl_mdl.training.trainer as trainer
+
+    x = sparse_sums()
+    cfg = SAEConfig(d_in=8, d_sae=16)
+    kw = dict(batch_size=64, lr=3e-3, progress=False, lr_decay_frac=0.0)
+    train_sae(x, cfg, steps=4, checkpoint_dir=tmp_path, checkpoint_every=4, **kw)
+    real = trainer.load_checkpoint
+
+    def from_gpu(path):
+        meta, tensors = real(path)
+        meta["sae_cfg"]["device"] = "cuda:0"
+        return meta, tensors
+
+    monkeypatch.setattr(trainer, "load_checkpoint", from_gpu)
+    resumed = train_sae(x, cfg, steps=8, checkpoint_dir=tmp_path, checkpoint_every=4, **kw)
+    whole = train_sae(x, cfg, steps=8, **kw)
+    assert bitwise_equal(resumed, whole)
+

@@ -1,0 +1,80 @@
+"""Builders shared by several test files: a tiny random TransformerLens model, random SAEs,
+small synthetic activations and a bitwise module comparison. Fixtures built from them live
+in ``conftest.py``; test files import these functions directly (pytest puts ``tests/`` on
+``sys.path``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from tl_mdl import SAE, SAEConfig
+
+
+def tiny_model(act_fn: str = "gelu", gated: bool = False, seed: int = 0,
+               **kw) -> HookedTransformer:
+    """2 layers, d_model 16, 2 heads of 8, d_mlp 32, vocab 50, n_ctx 16; ``kw`` overrides."""
+    cfg = dict(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=16,
+               act_fn=act_fn, gated_mlp=gated, seed=seed)
+    model = HookedTransformer(HookedTransformerConfig(**{**cfg, **kw}))
+    model.eval()
+    return model
+
+
+def random_sae(d_in: int, activation: str = "relu", d_sae: int = 48, seed: int = 1,
+               k: int = 5, **kw) -> SAE:
+    """An SAE whose latents fire on random inputs (scaled encoder, nonzero biases)."""
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, activation=activation,
+                    k=k if activation == "topk" else None, **kw)
+    sae = SAE(cfg, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.W_enc.mul_(5)
+        sae.b_enc.copy_(0.05 * torch.randn(d_sae, generator=gen))
+        sae.b_dec.copy_(0.1 * torch.randn(d_in, generator=gen))
+        if activation == "jumprelu":
+            sae.threshold.fill_(0.05)
+    return sae
+
+
+def exact_identity_sae(d_in: int) -> SAE:
+    """``relu(x) − relu(−x) = x``: reconstructs every input exactly (``d_sae = 2 d_in``)."""
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=2 * d_in))
+    eye = torch.eye(d_in)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+    return sae
+
+
+def sparse_sums(n: int = 256, d: int = 8, seed: int = 0) -> torch.Tensor:
+    """Rows that are sums of a random ~20% of 16 random directions, magnitudes in [0.5, 1.5)."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(16, d, generator=g)
+    active = torch.rand(n, 16, generator=g) < 0.2
+    return (active * (torch.rand(n, 16, generator=g) + 0.5)) @ dirs
+
+
+def bitwise_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Same state-dict keys, dtypes and bits."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa
+    )
+
+
+def edit_model_cfg(src: Path, dst: Path, edit) -> Path:
+    """A copy of the saved model folder ``src`` at ``dst`` whose model_cfg.json is ``edit(cfg)``."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((dst / "model_cfg.json").read_text())
+    (dst / "model_cfg.json").write_text(json.dumps(edit(cfg)))
+    return dst
+
+
+# the training settings of the small regression runs (8 steps on ``sparse_sums()``)
+SHORT_TRAIN = dict(steps=8, batch_size=64, lr=3e-3, progress=False)
