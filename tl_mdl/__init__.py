@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from tl_mdl import codec
-from tl_mdl._io import load_activations, save_activations
+from tl_mdl.activations.io import load_activations, save_activations
 from tl_mdl.mdl import (
     DLReport,
     description_length,
@@ -40,7 +40,7 @@ __version__ = "0.1.0"
 #: name -> module, imported on first attribute access (PEP 562)
 _LAZY = {
     # hooks / metrics / interop
-    "ActivationStore": "tl_mdl.hooks",
+    "ActivationStore": "tl_mdl.activations",
     "SAEHandle": "tl_mdl.hooks",
     "attach_sae": "tl_mdl.hooks",
     "from_sae_lens": "tl_mdl.interop",
@@ -89,6 +89,7 @@ __all__ = sorted(
 )
 
 if TYPE_CHECKING:  # static analysers see the lazy names
+    from tl_mdl.activations.store import ActivationStore
     from tl_mdl.bilinear import (
         BilinearMLP,
         BilinearSwap,
@@ -107,7 +108,7 @@ if TYPE_CHECKING:  # static analysers see the lazy names
         to_bilinear,
         truncation_curve,
     )
-    from tl_mdl.hooks import ActivationStore, SAEHandle, attach_sae
+    from tl_mdl.hooks import SAEHandle, attach_sae
     from tl_mdl.interop import from_sae_lens, to_sae_lens
     from tl_mdl.metrics import evaluate, explained_variance, fvu
     from tl_mdl.models import load_model, save_model

@@ -13,8 +13,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tl_mdl._io import load_activations
 from tl_mdl._sparse import BLOCK_ELEMENTS, block_rows, csr_decode, extract_block, map_blocks
+from tl_mdl.activations.io import load_activations
 from tl_mdl.mdl.losses import LossFn, build_model_loss
 from tl_mdl.mdl.precision import STEPS_PER_OCTAVE, SearchResult, search_bin_width
 from tl_mdl.mdl.quantize import (

@@ -1,5 +1,6 @@
 """SAE training (L1 / TopK / MDL objectives), checkpoints, and width × sparsity sweeps."""
 
+from tl_mdl.activations.shards import ShardedActivations
 from tl_mdl.training.objectives import (
     OBJECTIVES,
     batch_fvu,
@@ -7,7 +8,6 @@ from tl_mdl.training.objectives import (
     mdl_penalty,
     register_objective,
 )
-from tl_mdl.training.shards import ShardedActivations
 from tl_mdl.training.sweep import COLUMNS, SweepTable, sweep
 from tl_mdl.training.trainer import (
     TrainConfig,

@@ -180,8 +180,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tl_mdl.activations.shards import ShardedActivations
     from tl_mdl.sae import SAEConfig
-    from tl_mdl.training.shards import ShardedActivations
     from tl_mdl.training.trainer import train_sae
 
     args = _parse(argv)

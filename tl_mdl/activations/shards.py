@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tl_mdl._io import ACTIVATIONS_KEY, resolve_shards
+from tl_mdl.activations.io import ACTIVATIONS_KEY, resolve_shards
 
 #: safetensors dtype tag -> (bytes per element, numpy dtype to read raw, torch dtype)
 _DTYPES = {

@@ -25,7 +25,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tl_mdl._io import atomic_write, load_activations, save_activations
+from tl_mdl._io import atomic_write
+from tl_mdl.activations.io import load_activations, save_activations
 from tl_mdl.hooks.attach import check_hook_name, expected_hook_shape, hook_layer
 
 META_FILENAME = "meta.json"
