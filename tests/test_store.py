@@ -176,3 +176,19 @@ def test_evaluate_per_head_hook_z(model, tokens):
     lat = sae.encode(x)
     assert r["l0"] == pytest.approx(float((lat != 0).sum(-1).float().mean()), rel=1e-6)
     assert r["dl_bits_per_token"] == pytest.approx(2 * r["dl_bits_per_input"], rel=1e-12)
+
+
+def test_old_import_paths_are_the_moved_objects():
+    """The activation layer moved to tl_mdl.activations; imports users wrote before still work
+    and give the very same objects."""
+    import tl_mdl
+    from tl_mdl.activations import ShardedActivations, save_activations
+    from tl_mdl.activations.store import ActivationStore as moved
+    from tl_mdl.hooks import ActivationStore as via_hooks
+    from tl_mdl.hooks.store import ActivationStore as via_hooks_store
+    from tl_mdl.training import ShardedActivations as via_training
+    from tl_mdl.training.shards import ShardedActivations as via_training_shards
+
+    assert moved is via_hooks is via_hooks_store is ActivationStore is tl_mdl.ActivationStore
+    assert ShardedActivations is via_training is via_training_shards is tl_mdl.ShardedActivations
+    assert save_activations is tl_mdl.save_activations
