@@ -1,6 +1,7 @@
 """Stream activations from safetensors shards on disk with a bounded shuffle buffer.
 
-A shard is a safetensors file with one tensor ``activations [N_i, d_in]`` (DESIGN.md).
+A shard is a safetensors file with one tensor ``activations [N_i, d_in]`` (what
+``save_activations`` writes).
 :class:`ShardedActivations` reads row blocks straight from the files (the safetensors header
 gives each tensor's byte range; rows are read with ``readinto``, no memory map), so memory
 is ``O(buffer_size · d_in)`` however large the shards are, even shards larger than RAM.

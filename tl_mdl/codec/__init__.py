@@ -1,6 +1,6 @@
 """A real entropy coder for integer SAE latent codes, so the description length is honest.
 
-``encode(q)`` writes each feature as the DL formula counts it (DESIGN.md): a presence
+``encode(q)`` writes each feature as the DL formula counts it (docs/math.md §1, §4): a presence
 stream (``N`` Bernoulli symbols with probability ``p_i``) and a value stream (the ``c_i``
 nonzero values, categorical with their empirical distribution), all range-coded with
 ``constriction``'s ANS coder. The header carries the model (per-feature counts and

@@ -36,7 +36,7 @@ _CHUNK = 8192
 class DLReport:
     """Description length of ``N`` activations under an SAE at one precision.
 
-    ``bits_per_input = Σ_i [H_b(p_i) + p_i H_i]`` of the quantised code (DESIGN.md).
+    ``bits_per_input = Σ_i [H_b(p_i) + p_i H_i]`` of the quantised code (docs/math.md §1).
     """
 
     bits_per_input: float

@@ -1,9 +1,10 @@
-"""Description length of a hierarchical code: children coded conditionally on their parents.
+"""Description length of a hierarchical code: children coded conditionally on their parents
+(docs/math.md §6).
 
 A hierarchy gives each feature ``i`` a parent ``a = parent_index[i]`` (``-1`` for a root),
 and a child may be active (``q[n, i] != 0``) only on inputs where its parent is. With
 ``c_i`` the number of inputs where ``i`` is active, ``p_i = c_i / N``, ``H_i`` the entropy
-of its nonzero values (as in the flat code, DESIGN.md) and ``p_{i|a} = c_i / c_a``:
+of its nonzero values (as in the flat code) and ``p_{i|a} = c_i / c_a``:
 
     roots:     H_b(p_i)              + p_i · H_i
     children:  p_a · H_b(p_{i|a})    + p_i · H_i      (presence coded only where a is active)

@@ -1,6 +1,6 @@
 """Quantisation of latents and the exact description length of an integer code.
 
-Definitions (DESIGN.md, "Description length, exactly"): for latents ``f [N, F]`` and one
+Definitions (docs/math.md §1, "Description length"): for latents ``f [N, F]`` and one
 shared bin width ``w > 0``, ``q = round(f / w)``; latent ``i`` is *active* on input ``n``
 when ``q[n, i] != 0``. With ``p_i`` the fraction of inputs where ``i`` is active and
 ``H_i`` the entropy (bits) of the nonzero values of ``q[:, i]``,

@@ -1,7 +1,7 @@
 """Training objectives, each next to its math. All reconstruction terms are the batch FVU
 ``Σ‖x − x̂‖² / Σ‖x − x̄_batch‖²`` so coefficients are unit-free across datasets.
 
-``mdl`` — a differentiable surrogate of the description length (DESIGN.md)
+``mdl`` — a differentiable surrogate of the description length (docs/math.md §5)
 ``DL = Σ_i [H_b(p_i) + p_i H_i]`` bits/input at bin width ``w``:
 
 * ``w`` is the width at which uniform rounding noise (variance ``w²/12`` per active latent)
