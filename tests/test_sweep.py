@@ -5,12 +5,16 @@ MDL surrogate trained at the sweep's tolerance."""
 from __future__ import annotations
 
 import json
+import warnings
 
+import pytest
 from builders import SHORT_TRAIN, bitwise_equal, sparse_sums
 
 from tl_mdl import SAE, SAEConfig, description_length, sweep, train_sae
+from tl_mdl.mdl import select_mdl, select_mdl_row
 from tl_mdl.mdl.hierarchical import hierarchical_dl_report
-from tl_mdl.training.hierarchical import sweep_hierarchical
+from tl_mdl.training.hierarchical import HierarchicalSweepTable, sweep_hierarchical
+from tl_mdl.training.sweep import SweepTable
 
 
 # ------------------------------------------------------------------ checkpoints per grid point
@@ -135,3 +139,53 @@ def test_sweep_trains_the_mdl_surrogate_at_its_tolerance():
     default = train_sae(x, SAEConfig(d_in=8, d_sae=16), "mdl", sparsity=1e-3, seed=0, **SHORT_TRAIN)
     assert not bitwise_equal(row["sae"], default)
 
+
+
+# ------------------------------------------------- selection: fvu_threshold (tolerance deprecated)
+def _rows() -> list[dict]:
+    """Hand-built rows: the shortest (b) fails 0.2; of the two that pass, c is shorter."""
+    return [
+        {"name": "a", "bits_per_input": 9.0, "fvu_quantized": 0.05, "sae": "sae_a"},
+        {"name": "b", "bits_per_input": 2.0, "fvu_quantized": 0.50, "sae": "sae_b"},
+        {"name": "c", "bits_per_input": 4.0, "fvu_quantized": 0.20, "sae": "sae_c"},
+    ]
+
+
+@pytest.mark.parametrize("table_cls", [SweepTable, HierarchicalSweepTable])
+def test_selection_threshold_is_fvu_threshold(table_cls):
+    rows, table = _rows(), table_cls(_rows())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new name warns about nothing
+        assert select_mdl_row(rows, fvu_threshold=0.2)["name"] == "c"
+        assert select_mdl_row(rows, 0.6)["name"] == "b"
+        assert select_mdl(rows, fvu_threshold=0.2) == "sae_c"
+        assert table.select(fvu_threshold=0.2)["name"] == "c"
+        assert table.select(0.1)["name"] == "a"
+        assert table.select_sae(fvu_threshold=0.2) == "sae_c"
+    with pytest.raises(ValueError, match=r"no SAE meets fvu_quantized <= 0.01.*fvu_threshold"):
+        select_mdl(rows, fvu_threshold=0.01)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda rows: select_mdl_row(rows, tolerance=0.2)["name"], "select_mdl_row"),
+    (lambda rows: select_mdl(rows, tolerance=0.2), "select_mdl"),
+    (lambda rows: SweepTable(rows).select(tolerance=0.2)["name"], "SweepTable.select"),
+    (lambda rows: SweepTable(rows).select_sae(tolerance=0.2), "SweepTable.select_sae"),
+    (lambda rows: HierarchicalSweepTable(rows).select_sae(tolerance=0.2),
+     "HierarchicalSweepTable.select_sae"),
+])  # fmt: skip
+def test_the_old_tolerance_keyword_still_selects_with_a_deprecation_warning(call, name):
+    match = rf"{name}\(tolerance=\.\.\.\).*fvu_threshold=0.2"
+    with pytest.warns(DeprecationWarning, match=match) as record:
+        got = call(_rows())
+    assert got in ("c", "sae_c")
+    assert record[0].filename == __file__  # the warning points at the caller's line
+
+
+def test_fvu_threshold_and_tolerance_together_or_neither_is_an_error():
+    with pytest.raises(TypeError, match="pass only fvu_threshold"):
+        select_mdl(_rows(), fvu_threshold=0.2, tolerance=0.2)
+    with pytest.raises(TypeError, match="pass only fvu_threshold"):
+        SweepTable(_rows()).select(0.2, tolerance=0.2)
+    with pytest.raises(TypeError, match="needs fvu_threshold"):
+        select_mdl(_rows())

@@ -1,46 +1,96 @@
-"""MDL selection: the shortest description among SAEs that reconstruct well enough."""
+"""MDL selection: the shortest description among SAEs that reconstruct well enough.
+
+``fvu_threshold`` is the largest quantised FVU an SAE may have to be chosen; it is not the
+precision ``tolerance`` of :func:`~tl_mdl.mdl.description_length` (docs/math.md §3)."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from tl_mdl.sae import SAE
 
 
+def resolve_fvu_threshold(
+    fvu_threshold: float | None, tolerance: float | None, where: str
+) -> float:
+    """``fvu_threshold``, or the deprecated ``tolerance=`` keyword of ``where`` (with a
+    ``DeprecationWarning``). Exactly one of the two must be given."""
+    if tolerance is None:
+        if fvu_threshold is None:
+            raise TypeError(f"{where}() needs fvu_threshold (the largest quantised FVU allowed)")
+        return fvu_threshold
+    if fvu_threshold is not None:
+        raise TypeError(
+            f"{where}() got fvu_threshold={fvu_threshold!r} and tolerance={tolerance!r}; "
+            "pass only fvu_threshold"
+        )
+    warnings.warn(
+        f"{where}(tolerance=...) is deprecated and will be removed in the next release: the "
+        "selection threshold is now called fvu_threshold (tolerance is the precision "
+        f"tolerance of description_length); use {where}(..., fvu_threshold={tolerance!r})",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return tolerance
+
+
 def select_mdl_row(
-    table: Iterable[Mapping[str, Any]], tolerance: float, *, loss_key: str = "fvu_quantized"
+    table: Iterable[Mapping[str, Any]],
+    fvu_threshold: float | None = None,
+    *,
+    loss_key: str = "fvu_quantized",
+    tolerance: float | None = None,
 ) -> Mapping[str, Any]:
     """The row with the smallest ``bits_per_input`` among rows whose ``loss_key``
-    (default: FVU of the quantised reconstruction) is ``<= tolerance``.
+    (default: FVU of the quantised reconstruction) is ``<= fvu_threshold``.
 
     Rows are mappings with at least ``bits_per_input`` and ``loss_key`` (e.g. the rows of
-    ``tl_mdl.sweep``). Ties go to the earlier row."""
-    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
-        raise ValueError(f"tolerance must be a finite number > 0, got {tolerance!r}")
+    ``tl_mdl.sweep``). Ties go to the earlier row. ``tolerance=`` is the deprecated name of
+    ``fvu_threshold``."""
+    fvu_threshold = resolve_fvu_threshold(fvu_threshold, tolerance, "select_mdl_row")
+    return _select_row(table, fvu_threshold, loss_key)
+
+
+def _select_row(
+    table: Iterable[Mapping[str, Any]], fvu_threshold: float, loss_key: str
+) -> Mapping[str, Any]:
+    if not (
+        isinstance(fvu_threshold, (int, float))
+        and math.isfinite(fvu_threshold)
+        and fvu_threshold > 0
+    ):
+        raise ValueError(f"fvu_threshold must be a finite number > 0, got {fvu_threshold!r}")
     rows = list(table)
     if not rows:
         raise ValueError("the table is empty: train or score some SAEs first (tl_mdl.sweep)")
     for r in rows:
         if "bits_per_input" not in r or loss_key not in r:
             raise KeyError(f"table rows need 'bits_per_input' and {loss_key!r}; got {sorted(r)}")
-    ok = [r for r in rows if r[loss_key] <= tolerance]
+    ok = [r for r in rows if r[loss_key] <= fvu_threshold]
     if not ok:
         best = min(r[loss_key] for r in rows)
         raise ValueError(
-            f"no SAE meets {loss_key} <= {tolerance:g} (the best has {best:.4g}); raise the "
-            "tolerance or train wider / denser SAEs"
+            f"no SAE meets {loss_key} <= {fvu_threshold:g} (the best has {best:.4g}); raise "
+            "fvu_threshold or train wider / denser SAEs"
         )
     return min(ok, key=lambda r: r["bits_per_input"])
 
 
 def select_mdl(
-    table: Iterable[Mapping[str, Any]], tolerance: float, *, loss_key: str = "fvu_quantized"
+    table: Iterable[Mapping[str, Any]],
+    fvu_threshold: float | None = None,
+    *,
+    loss_key: str = "fvu_quantized",
+    tolerance: float | None = None,
 ) -> SAE:
-    """The minimum-description-length SAE among those meeting ``tolerance`` (see
-    :func:`select_mdl_row`). Rows carry the SAE itself (``"sae"``) or its folder (``"path"``)."""
-    row = select_mdl_row(table, tolerance, loss_key=loss_key)
+    """The minimum-description-length SAE among those with ``loss_key <= fvu_threshold``
+    (see :func:`select_mdl_row`). Rows carry the SAE itself (``"sae"``) or its folder
+    (``"path"``). ``tolerance=`` is the deprecated name of ``fvu_threshold``."""
+    fvu_threshold = resolve_fvu_threshold(fvu_threshold, tolerance, "select_mdl")
+    row = _select_row(table, fvu_threshold, loss_key)
     if row.get("sae") is not None:
         return row["sae"]
     if row.get("path"):

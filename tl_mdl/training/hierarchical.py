@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from tl_mdl.mdl import DEFAULT_TOLERANCE
 from tl_mdl.mdl.hierarchical import hierarchical_dl_report
+from tl_mdl.mdl.select import resolve_fvu_threshold
 from tl_mdl.sae.hierarchical import HierarchicalSAE, HierarchicalSAEConfig
 from tl_mdl.training.objectives import (
     _LN2,
@@ -152,8 +153,15 @@ class HierarchicalSweepTable(SweepTable):
 
     columns: ClassVar[tuple[str, ...]] = HIERARCHICAL_COLUMNS
 
-    def select_sae(self, tolerance: float) -> HierarchicalSAE:
-        row = self.select(tolerance)
+    def select_sae(
+        self, fvu_threshold: float | None = None, *, tolerance: float | None = None
+    ) -> HierarchicalSAE:
+        """The SAE of :meth:`select`'s row (``tolerance=`` is the deprecated name of
+        ``fvu_threshold``)."""
+        fvu_threshold = resolve_fvu_threshold(
+            fvu_threshold, tolerance, "HierarchicalSweepTable.select_sae"
+        )
+        row = self.select(fvu_threshold)
         return row["sae"] if row.get("sae") is not None else HierarchicalSAE.load(row["path"])
 
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from tl_mdl._io import atomic_write
 from tl_mdl.mdl import DEFAULT_TOLERANCE, description_length, select_mdl, select_mdl_row
+from tl_mdl.mdl.select import resolve_fvu_threshold
 from tl_mdl.sae import SAE, SAEConfig
 from tl_mdl.training import distributed as ddp
 from tl_mdl.training.trainer import TrainConfig, train_sae
@@ -58,12 +59,20 @@ class SweepTable:
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.rows[i]
 
-    def select(self, tolerance: float) -> dict[str, Any]:
-        """The minimum-DL row with ``fvu_quantized <= tolerance``."""
-        return dict(select_mdl_row(self.rows, tolerance))
+    def select(
+        self, fvu_threshold: float | None = None, *, tolerance: float | None = None
+    ) -> dict[str, Any]:
+        """The minimum-DL row with ``fvu_quantized <= fvu_threshold`` (``tolerance=`` is
+        its deprecated name)."""
+        fvu_threshold = resolve_fvu_threshold(fvu_threshold, tolerance, "SweepTable.select")
+        return dict(select_mdl_row(self.rows, fvu_threshold))
 
-    def select_sae(self, tolerance: float) -> SAE:
-        return select_mdl(self.rows, tolerance)
+    def select_sae(
+        self, fvu_threshold: float | None = None, *, tolerance: float | None = None
+    ) -> SAE:
+        """The SAE of :meth:`select`'s row."""
+        fvu_threshold = resolve_fvu_threshold(fvu_threshold, tolerance, "SweepTable.select_sae")
+        return select_mdl(self.rows, fvu_threshold)
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write the scalar columns (atomically)."""
