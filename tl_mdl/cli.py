@@ -82,29 +82,11 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 # --------------------------------------------------------------------------- inputs
 
 
-def _shards(paths: Sequence[Path]) -> list[Path]:
-    """Activation files named by ``paths`` (files, or folders of ``*.safetensors`` shards)."""
-    if not paths:
-        raise ValueError("no activation files given; pass safetensors files or a folder of them")
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            found = sorted(p.glob("*.safetensors"))
-            if not found:
-                raise FileNotFoundError(f"no *.safetensors activation shards in folder {p}")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"activation file {p} does not exist")
-    return files
-
-
 def load_acts(paths: Sequence[Path]) -> Tensor:
     """``[N, d_in]`` activations from safetensors shards / folders of shards."""
     from tl_mdl import load_activations
 
-    return load_activations([str(f) for f in _shards(paths)])
+    return load_activations(list(paths))
 
 
 def _is_sae_lens_only(cfg: dict[str, Any]) -> bool:
