@@ -9,6 +9,7 @@ is ``O(buffer_size · d_in)`` however large the shards are, even shards larger t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -20,6 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tl_mdl.activations.buffer import (
+    Block,
+    ShuffleBuffer,
+    check_epoch,
+    epoch_seed,
+    in_order_batches,
+)
 from tl_mdl.activations.io import ACTIVATIONS_KEY, resolve_shards
 
 #: safetensors dtype tag -> (bytes per element, numpy dtype to read raw, torch dtype)
@@ -194,8 +202,11 @@ class ShardedActivations:
             f"d_in={self.d_in}, batch_size={self.batch_size}, buffer_size={self.buffer_size})"
         )
 
-    def _blocks(self, gen: torch.Generator) -> Iterator[Tensor]:
-        """Row blocks of every shard, in the epoch's order, checked for NaN/Inf."""
+    def _blocks(self, gen: torch.Generator) -> Iterator[Block]:
+        """Row blocks of every shard, in the epoch's order (rows numbered across shards)."""
+        base = [0]
+        for s in self.shards:
+            base.append(base[-1] + s.rows)
         order = torch.randperm(len(self.shards), generator=gen).tolist() if self.shuffle else (
             range(len(self.shards)))
         for i in order:
@@ -203,73 +214,41 @@ class ShardedActivations:
             starts = list(range(0, info.rows, self.chunk_rows))
             if self.shuffle:
                 starts = [starts[j] for j in torch.randperm(len(starts), generator=gen)]
-            with open(info.path, "rb") as fh:
-                for a in starts:
-                    b = min(a + self.chunk_rows, info.rows)
-                    block = read_rows(info, a, b, fh)
-                    if self.check_finite and not torch.isfinite(block).all():
-                        bad = a + int((~torch.isfinite(block)).any(-1).nonzero()[0])
-                        raise FloatingPointError(
-                            f"activation shard {info.path} has NaN/Inf in row {bad} "
-                            f"(block rows {a}..{b}); clean or drop that shard"
-                        )
-                    yield block if self.dtype is None else block.to(self.dtype)
+            for a in starts:
+                b = min(a + self.chunk_rows, info.rows)
+                yield Block(base[i] + a, b - a, functools.partial(self._read, info, a, b))
+
+    def _read(self, info: ShardInfo, a: int, b: int) -> Tensor:
+        """Rows ``a … b−1`` of one shard, checked for NaN/Inf, in the requested dtype."""
+        block = read_rows(info, a, b)
+        if self.check_finite and not torch.isfinite(block).all():
+            bad = a + int((~torch.isfinite(block)).any(-1).nonzero()[0])
+            raise FloatingPointError(
+                f"activation shard {info.path} has NaN/Inf in row {bad} "
+                f"(block rows {a}..{b}); clean or drop that shard"
+            )
+        return block if self.dtype is None else block.to(self.dtype)
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[Tensor]:
+        """The batches of one epoch (deterministic in ``(seed, epoch)``), from batch number
+        ``start`` on: a seek that reads only the rows the shuffle buffer holds at that batch
+        (see :class:`~tl_mdl.activations.buffer.ShuffleBuffer`)."""
+        check_epoch(epoch, start)
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        if not self.shuffle:
+            return in_order_batches(self._blocks(gen), self.batch_size,
+                                    drop_last=self.drop_last, start=start)
+        buf = ShuffleBuffer(self.buffer_size, self.batch_size, drop_last=self.drop_last)
+        return buf.batches(self._blocks(gen), gen, start)
 
     def epoch(self, epoch: int) -> Iterator[Tensor]:
-        """The batches of one epoch (deterministic in ``(seed, epoch)``).
-
-        The buffer is a fixed ``[buffer_size, d_in]`` tensor. Rows are written into its free
-        slots; when it is full, a random half of the slots is served (gathered batch by
-        batch) and those slots are refilled: each row is copied once in and once out."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        bs, cap = self.batch_size, self.buffer_size
-        if not self.shuffle:
-            yield from self._in_order()
-            return
-        buf: Tensor | None = None
-        free = torch.arange(cap)  # slots that hold no row, in the order they are filled
-        for block in self._blocks(gen):
-            if buf is None:
-                buf = block.new_empty(cap, self.d_in)
-            while block.shape[0]:
-                m = min(block.shape[0], free.shape[0])
-                buf.index_copy_(0, free[:m], block[:m])
-                free, block = free[m:], block[m:]
-                if free.shape[0] == 0:  # full: serve a random half, reuse its slots
-                    n_out = max(bs, (cap // 2) // bs * bs)
-                    out = torch.randperm(cap, generator=gen)[:n_out]
-                    for j in range(0, n_out, bs):
-                        yield buf[out[j : j + bs]]
-                    free = out
-        if buf is None:
-            return
-        held = torch.ones(cap, dtype=torch.bool)
-        held[free] = False
-        rest = held.nonzero().squeeze(1)
-        rest = rest[torch.randperm(rest.shape[0], generator=gen)]
-        for j in range(0, rest.shape[0], bs):
-            if self.drop_last and j + bs > rest.shape[0]:
-                break
-            yield buf[rest[j : j + bs]]
-
-    def _in_order(self) -> Iterator[Tensor]:
-        """Rows in file order, in batches (no buffer beyond one block and one batch)."""
-        gen = torch.Generator()
-        carry: Tensor | None = None
-        for block in self._blocks(gen):
-            if carry is not None:
-                block = torch.cat([carry, block])
-            k = block.shape[0] // self.batch_size * self.batch_size
-            for j in range(0, k, self.batch_size):
-                yield block[j : j + self.batch_size].clone()
-            carry = block[k:].clone() if k < block.shape[0] else None
-        if carry is not None and not self.drop_last:
-            yield carry
+        """The batches of one epoch (the same as :meth:`epoch_batches`)."""
+        return self.epoch_batches(epoch)
 
     def __iter__(self) -> Iterator[Tensor]:
         e = 0
         while True:
-            yield from self.epoch(e)
+            yield from self.epoch_batches(e)
             e += 1
             if not self.repeat:
                 return

@@ -12,7 +12,9 @@ Each hook's folder loads with ``tl_mdl.load_activations(cache_dir / hook_name)``
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import os
 import warnings
@@ -26,6 +28,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_mdl._io import atomic_write
+from tl_mdl.activations.buffer import (
+    Block,
+    ShuffleBuffer,
+    TensorBatches,
+    check_epoch,
+    in_order_batches,
+)
 from tl_mdl.activations.io import load_activations, save_activations
 from tl_mdl.hooks.attach import check_hook_name, expected_hook_shape, hook_layer
 
@@ -125,9 +134,9 @@ class _HookView:
     def __iter__(self) -> Iterator[Tensor]:
         return self.store._batches(self.hook_name)
 
-    def epoch_batches(self, epoch: int) -> Iterator[Tensor]:
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[Tensor]:
         """The batches of pass number ``epoch`` (see :meth:`ActivationStore.epoch_batches`)."""
-        return self.store._batches(self.hook_name, epoch)
+        return self.store._batches(self.hook_name, epoch, start)
 
     def __len__(self) -> int:
         return self.store._n_batches()
@@ -430,68 +439,58 @@ class ActivationStore:
         n = self.n_tokens
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def epoch_batches(self, epoch: int) -> Iterator[Tensor]:
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[Tensor]:
         """The batches of pass number ``epoch`` (0, 1, …) over the store's one hook: the same
         batches every time it is asked for, whatever was iterated before (``train_sae`` uses
-        it to resume a run exactly). Plain iteration serves passes 0, 1, 2, … in turn."""
-        return self._batches(self._only_hook(), epoch)
+        it to resume a run exactly), from batch number ``start`` on (a seek: earlier batches
+        are not read). Plain iteration serves passes 0, 1, 2, … in turn."""
+        return self._batches(self._only_hook(), epoch, start)
 
     def _pass_seed(self, hook: str, epoch: int) -> int:
         key = f"{self.seed}/{hook}/{epoch}".encode()
         return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
 
-    def _batches(self, hook: str, epoch: int | None = None) -> Iterator[Tensor]:
+    def _batches(self, hook: str, epoch: int | None = None, start: int = 0
+                 ) -> Iterator[Tensor]:
         self._check_hook(hook)
         if epoch is None:
             epoch = self._passes.get(hook, 0)
             self._passes[hook] = epoch + 1
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-        return self._pass(hook, epoch)
+        check_epoch(epoch, start)
+        return self._pass(hook, epoch, start)
 
-    def _pass(self, hook: str, epoch: int) -> Iterator[Tensor]:
-        n_chunks = self._n_chunks()
-        gen = torch.Generator().manual_seed(self._pass_seed(hook, epoch))
-        bs = self.batch_size
+    def _pass(self, hook: str, epoch: int, start: int) -> Iterator[Tensor]:
+        n_chunks = self._n_chunks()  # harvests on the first batch asked for
         if self._memory is not None and self.buffer_size is None:
             # everything is in memory: one permutation, each batch gathered from the store's
             # tensor (no shuffled copy of the whole data)
-            data = self._full[hook]
-            n = data.shape[0]
-            perm = torch.randperm(n, generator=gen).to(data.device) if self.shuffle else None
-            stop = n - n % bs if self.drop_last else n
-            for j in range(0, stop, bs):
-                yield data[perm[j : j + bs]] if perm is not None else data[j : j + bs].clone()
+            source = TensorBatches(self._full[hook], self.batch_size,
+                                   lambda e: self._pass_seed(hook, e), shuffle=self.shuffle,
+                                   drop_last=self.drop_last)
+            yield from source.epoch_batches(epoch, start)
             return
+        gen = torch.Generator().manual_seed(self._pass_seed(hook, epoch))
+        blocks = self._blocks(hook, n_chunks, gen)
+        if not self.shuffle:
+            yield from in_order_batches(blocks, self.batch_size, drop_last=self.drop_last,
+                                        start=start)
+            return
+        cap = 64 * self.batch_size if self.buffer_size is None else self.buffer_size
+        buf = ShuffleBuffer(max(cap, self.batch_size), self.batch_size, drop_last=self.drop_last)
+        yield from buf.batches(blocks, gen, start)
+
+    def _blocks(self, hook: str, n_chunks: int, gen: torch.Generator) -> Iterator[Block]:
+        """The store's chunks (one per forward pass) as blocks, in a random order."""
+        if self._memory is not None:
+            rows = [c.shape[0] for c in self._memory[hook]]
+        else:
+            assert self._shard_rows is not None
+            rows = list(self._shard_rows)
+        first = [0, *itertools.accumulate(rows)]
         order = torch.randperm(n_chunks, generator=gen).tolist() if self.shuffle else range(
             n_chunks)
-        if self.buffer_size is not None:
-            cap = self.buffer_size
-        else:
-            cap = 64 * self.batch_size
-        cap = max(cap, self.batch_size)
-        buffer: list[Tensor] = []
-        n_buf = 0
         for i in order:
-            chunk = self._chunk(hook, i)
-            buffer.append(chunk)
-            n_buf += chunk.shape[0]
-            if n_buf >= cap:
-                buf = torch.cat(buffer)
-                if self.shuffle:
-                    buf = buf[torch.randperm(buf.shape[0], generator=gen).to(buf.device)]
-                n_out = max(bs, (n_buf // 2) // bs * bs)
-                for j in range(0, n_out, bs):
-                    yield buf[j : j + bs]
-                buffer, n_buf = [buf[n_out:]], n_buf - n_out
-        if n_buf:
-            buf = torch.cat(buffer)
-            if self.shuffle:
-                buf = buf[torch.randperm(buf.shape[0], generator=gen).to(buf.device)]
-            for j in range(0, n_buf, bs):
-                if self.drop_last and j + bs > n_buf:
-                    break
-                yield buf[j : j + bs]
+            yield Block(first[i], rows[i], functools.partial(self._chunk, hook, i))
 
     def _only_hook(self) -> str:
         if len(self.hook_names) != 1:

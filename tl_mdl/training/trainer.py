@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_mdl._io import atomic_write
+from tl_mdl.activations.buffer import BatchSource, as_batch_source, batches_from
 from tl_mdl.mdl import DEFAULT_TOLERANCE
 from tl_mdl.sae import SAE, HierarchicalSAE, HierarchicalSAEConfig, SAEConfig
 from tl_mdl.training import distributed as ddp
@@ -90,65 +92,32 @@ class TrainResult:
 
 
 class _Batches:
-    """Deterministic batches, so a resumed run sees the batches an uninterrupted one would:
-
-    - a Tensor is reshuffled each epoch from ``(seed, epoch)``: step ``s`` is a function of
-      ``(seed, s)``;
-    - an iterable with ``len()`` and ``epoch_batches(e)`` (``ActivationStore``) is served pass
-      by pass: step ``s`` is batch ``s % len`` of pass ``s // len``;
-    - any other iterable is consumed in order, and iterated again when it runs out if it has
-      a ``len()`` (a new pass); on resume the first ``s`` batches are skipped.
-    """
+    """Step ``s`` is batch ``s % len`` of pass ``s // len`` of the data as a
+    :class:`~tl_mdl.activations.buffer.BatchSource` (see ``as_batch_source``: a Tensor is
+    reshuffled each pass from ``(seed, pass)``), so a resumed run sees the batches an
+    uninterrupted one would, and resuming in the middle of a pass seeks to it. An iterable
+    without ``len()`` is one stream, consumed in order (on resume the first ``s`` batches are
+    skipped)."""
 
     def __init__(self, data: Tensor | Iterable[Tensor], batch_size: int, seed: int):
-        self.data, self.batch_size, self.seed = data, batch_size, seed
-        if isinstance(data, Tensor):
-            n = data.shape[0]
-            self.per_epoch: int | None = max(n // batch_size, 1)
-        elif isinstance(data, Sized) and len(data) > 0:
-            self.per_epoch = len(data)
-        else:
-            self.per_epoch = None
-        self._it: Iterator[Tensor] | None = None
+        self.source = as_batch_source(data, batch_size, seed)
+        n = len(self.source) if isinstance(self.source, Sized) else 0
+        self.per_epoch: int | None = n if n > 0 else None
         self._pass: tuple[int, Iterator[Tensor]] | None = None
-        self._epoch_perm: tuple[int, Tensor] | None = None
 
     def get(self, step: int) -> Tensor:
-        if isinstance(self.data, Tensor):
-            assert self.per_epoch is not None
+        if self.per_epoch is None:
+            epoch, b = 0, step
+        else:
             epoch, b = divmod(step, self.per_epoch)
-            if self._epoch_perm is None or self._epoch_perm[0] != epoch:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                self._epoch_perm = (epoch, torch.randperm(self.data.shape[0], generator=g))
-            idx = self._epoch_perm[1][b * self.batch_size : (b + 1) * self.batch_size]
-            return self.data[idx]
-        if self.per_epoch is not None and hasattr(self.data, "epoch_batches"):
-            epoch, b = divmod(step, self.per_epoch)
-            if self._pass is None or self._pass[0] != epoch:
-                it = iter(self.data.epoch_batches(epoch))
-                for _ in range(b):  # resume in the middle of a pass
-                    next(it)
-                self._pass = (epoch, it)
-            try:
-                return next(self._pass[1])
-            except StopIteration:
-                raise StopIteration from None
-        if self._it is None:
-            self._it = iter(self.data)
-            for _ in range(step):  # resume: skip what was consumed
-                self._next()
-        return self._next()
-
-    def _next(self) -> Tensor:
-        assert self._it is not None
+        if self._pass is None or self._pass[0] != epoch:
+            if isinstance(self.source, BatchSource):
+                it = batches_from(self.source, epoch, b)
+            else:
+                it = itertools.islice(iter(self.source), b, None)
+            self._pass = (epoch, it)
         try:
-            return next(self._it)
-        except StopIteration:
-            if self.per_epoch is None:
-                raise StopIteration from None
-        self._it = iter(self.data)  # a sized iterable: start another pass
-        try:
-            return next(self._it)
+            return next(self._pass[1])
         except StopIteration:
             raise StopIteration from None
 
