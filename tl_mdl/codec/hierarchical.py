@@ -33,7 +33,7 @@ from tl_mdl.codec import (
     _unframe,
     _validate_header,
 )
-from tl_mdl.sae.hierarchical import check_gating, check_parent_index
+from tl_mdl.codec.hierarchy import check_gating, check_parent_index
 
 MAGIC = b"TLMDLH1\n"
 

@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tl_mdl.codec.hierarchy import check_gating, check_parent_index
 from tl_mdl.mdl.description_length import (
     DEFAULT_TOLERANCE,
     DLReport,
@@ -46,7 +47,6 @@ from tl_mdl.mdl.quantize import (
     feature_code_stats,
     quantize,
 )
-from tl_mdl.sae.hierarchical import check_gating, check_parent_index
 
 
 @dataclass
