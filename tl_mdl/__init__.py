@@ -12,18 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from tl_mdl import codec
 from tl_mdl.activations.io import load_activations, save_activations
-from tl_mdl.mdl import (
-    DLReport,
-    description_length,
-    latent_description_length,
-    quantize,
-    select_mdl,
-)
-from tl_mdl.mdl.hierarchical import (
-    feature_splitting,
-    hierarchical_description_length,
-    hierarchical_dl_report,
-)
+from tl_mdl.mdl import DLReport, latent_description_length, quantize, select_mdl
+from tl_mdl.mdl.hierarchical import feature_splitting, hierarchical_description_length
 from tl_mdl.sae import (
     SAE,
     HierarchicalSAE,
@@ -32,6 +22,7 @@ from tl_mdl.sae import (
     identity_sae,
     register_activation,
 )
+from tl_mdl.scoring import description_length, hierarchical_dl_report
 from tl_mdl.training import ShardedActivations, SweepTable, sweep, train_sae
 from tl_mdl.training.hierarchical import sweep_hierarchical, train_hierarchical_sae
 

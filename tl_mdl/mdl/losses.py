@@ -4,7 +4,8 @@
 :data:`LossFn`: ``loss_fn(bin_width)`` returns the loss when the SAE's latents are quantised
 at ``bin_width`` (``None`` = unquantised latents). Model-based losses (CE / KL with the SAE
 spliced into a model) are built by ``tl_mdl.hooks`` and registered here by name with
-:func:`register_model_loss`, so this module never imports a model.
+:func:`register_model_loss`; this module never imports a model. ``tl_mdl.description_length``
+imports ``tl_mdl.hooks`` when a loss is named that is not registered yet.
 """
 
 from __future__ import annotations
@@ -26,15 +27,12 @@ def register_model_loss(name: str, builder: ModelLossBuilder) -> None:
 
 
 def build_model_loss(name: str, **kwargs: Any) -> LossFn:
-    """Build the registered model-based loss ``name`` (imports ``tl_mdl.hooks`` on demand)."""
-    if name not in MODEL_LOSSES:
-        try:
-            import tl_mdl.hooks  # noqa: F401  (registers "ce" and "kl")
-        except ImportError:
-            pass
+    """Build the registered model-based loss ``name``."""
     if name not in MODEL_LOSSES:
         raise ValueError(
             f"loss={name!r} is unknown; use 'fvu', a callable bin_width -> loss, or one of the "
-            f"model-based losses {sorted(MODEL_LOSSES)} (these need model=, hook_name=, tokens=)"
+            f"model-based losses {sorted(MODEL_LOSSES)} (these need model=, hook_name=, tokens=); "
+            "'ce' and 'kl' come with tl_mdl.hooks: call tl_mdl.description_length, which imports "
+            "it, or import tl_mdl.hooks first"
         )
     return MODEL_LOSSES[name](**kwargs)
