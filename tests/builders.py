@@ -76,5 +76,28 @@ def edit_model_cfg(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
+#: SAE activations with the config each needs (ids for parametrize in SAE_ACT_IDS)
+SAE_ACTS = [("relu", {}), ("topk", {"k": 3}), ("jumprelu", {})]
+SAE_ACT_IDS = [a for a, _ in SAE_ACTS]
+
+
+def float64_sae(activation: str, d_in: int = 6, d_sae: int = 10, seed: int = 0, **kw) -> SAE:
+    """A float64 SAE with every parameter random (nonzero biases, random thresholds)."""
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, activation=activation, dtype="float64", **kw)
+    sae = SAE(cfg, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+            if name == "threshold":
+                p.copy_(p.abs() * 0.5)
+    return sae
+
+
+def float64_inputs(n: int = 7, d_in: int = 6, seed: int = 0) -> torch.Tensor:
+    """``[n, d_in]`` standard normal float64 inputs."""
+    return torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 # the training settings of the small regression runs (8 steps on ``sparse_sums()``)
 SHORT_TRAIN = dict(steps=8, batch_size=64, lr=3e-3, progress=False)

@@ -1,44 +1,17 @@
-"""SAE config, forward math, save/load (tl_mdl and SAELens), and file errors."""
+"""SAE config, forward math, decoder normalisation, and the config an SAE owns (copied in,
+following ``to()``). Files (save/load) are in test_sae_files.py."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from pathlib import Path
-from unittest import mock
 
-import numpy as np
 import pytest
 import torch
-from builders import bitwise_equal
-from safetensors import safe_open
-from safetensors.torch import save_file
+from builders import SAE_ACT_IDS, SAE_ACTS, bitwise_equal, float64_inputs, float64_sae
 
 import tl_mdl.sae.model as sae_model
 from tl_mdl.sae import SAE, HierarchicalSAE, HierarchicalSAEConfig, SAEConfig, identity_sae
-from tl_mdl.sae.model import CFG_FILENAME, WEIGHTS_FILENAME
-
-ACTS = [("relu", {}), ("topk", {"k": 3}), ("jumprelu", {})]
-ACT_IDS = [a for a, _ in ACTS]
-
-
-def make_sae(activation: str, d_in: int = 6, d_sae: int = 10, seed: int = 0, **kw) -> SAE:
-    """A float64 SAE with every parameter random (nonzero biases, random thresholds)."""
-    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, activation=activation, dtype="float64", **kw)
-    sae = SAE(cfg, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in sae.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
-            if name == "threshold":
-                p.copy_(p.abs() * 0.5)
-    return sae
-
-
-def inputs(n: int = 7, d_in: int = 6, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
 
 # ---------------------------------------------------------------- config validation
 
@@ -82,7 +55,7 @@ def test_sae_needs_config():
         SAE({"d_in": 4, "d_sae": 8})  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("activation, kw", ACTS, ids=ACT_IDS)
+@pytest.mark.parametrize("activation, kw", SAE_ACTS, ids=SAE_ACT_IDS)
 def test_config_dict_round_trip(activation, kw):
     cfg = SAEConfig(
         d_in=5,
@@ -117,8 +90,8 @@ def test_config_from_dict_rejects_unknown_architecture_and_normalisation():
 
 
 def test_relu_encode_decode_formula():
-    sae = make_sae("relu")
-    x = inputs()
+    sae = float64_sae("relu")
+    x = float64_inputs()
     with torch.no_grad():
         pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
         f = sae.encode(x)
@@ -130,16 +103,16 @@ def test_relu_encode_decode_formula():
 
 
 def test_apply_b_dec_to_input_false():
-    sae = make_sae("relu", apply_b_dec_to_input=False)
-    x = inputs()
+    sae = float64_sae("relu", apply_b_dec_to_input=False)
+    x = float64_inputs()
     with torch.no_grad():
         pre = x @ sae.W_enc + sae.b_enc
         torch.testing.assert_close(sae.encode(x), pre.clamp_min(0), rtol=0, atol=1e-12)
 
 
 def test_topk_formula_and_exactly_k_nonzeros():
-    sae = make_sae("topk", d_sae=10, k=3)
-    x = inputs(n=20)
+    sae = float64_sae("topk", d_sae=10, k=3)
+    x = float64_inputs(n=20)
     with torch.no_grad():
         pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
         f = sae.encode(x)
@@ -164,8 +137,8 @@ def test_topk_formula_and_exactly_k_nonzeros():
 
 
 def test_jumprelu_formula():
-    sae = make_sae("jumprelu")
-    x = inputs(n=30)
+    sae = float64_sae("jumprelu")
+    x = float64_inputs(n=30)
     with torch.no_grad():
         pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
         f = sae.encode(x)
@@ -176,9 +149,9 @@ def test_jumprelu_formula():
         assert (f != 0).any()
 
 
-@pytest.mark.parametrize("activation, kw", ACTS, ids=ACT_IDS)
+@pytest.mark.parametrize("activation, kw", SAE_ACTS, ids=SAE_ACT_IDS)
 def test_shapes_with_leading_batch_dims(activation, kw):
-    sae = make_sae(activation, **kw)
+    sae = float64_sae(activation, **kw)
     x = torch.randn(2, 3, 6, dtype=torch.float64)
     with torch.no_grad():
         f = sae.encode(x)
@@ -189,7 +162,7 @@ def test_shapes_with_leading_batch_dims(activation, kw):
 
 
 def test_wrong_last_dim_errors():
-    sae = make_sae("relu")
+    sae = float64_sae("relu")
     with pytest.raises(ValueError, match="d_in=6"):
         sae.encode(torch.randn(3, 5))
     with pytest.raises(ValueError, match="d_sae=10"):
@@ -204,110 +177,6 @@ def test_identity_sae_reconstructs_nonnegative_inputs():
         assert torch.equal(sae.encode(x), x)
 
 
-# ---------------------------------------------------------------- save / load
-
-
-@pytest.mark.parametrize("activation, kw", ACTS, ids=ACT_IDS)
-def test_save_load_round_trip_bitwise(tmp_path, activation, kw):
-    sae = make_sae(activation, hook_name="blocks.1.hook_resid_post", **kw)
-    sae.cfg.metadata["trained_on"] = "unit test"
-    folder = sae.save(tmp_path / "sae")
-    loaded = SAE.load(folder)
-    assert loaded.cfg == sae.cfg
-    sd, sd2 = sae.state_dict(), loaded.state_dict()
-    assert sd.keys() == sd2.keys()
-    for k in sd:
-        assert sd2[k].dtype == sd[k].dtype
-        assert torch.equal(sd[k], sd2[k]), k
-    x = inputs(n=16)
-    with torch.no_grad():
-        assert torch.equal(sae.encode(x), loaded.encode(x))
-        assert torch.equal(sae(x), loaded(x))
-
-
-def test_save_load_float32_and_dtype_override(tmp_path):
-    sae = SAE(SAEConfig(d_in=4, d_sae=8), seed=5)
-    SAE.load(sae.save(tmp_path / "a"))
-    loaded = SAE.load(tmp_path / "a", dtype="float64")
-    assert loaded.W_enc.dtype == torch.float64
-    assert torch.equal(loaded.W_enc, sae.W_enc.double())
-
-
-@pytest.mark.parametrize("activation, kw", ACTS, ids=ACT_IDS)
-def test_sae_lens_loads_tl_mdl_save(tmp_path, activation, kw):
-    sae_lens = pytest.importorskip("sae_lens")
-    sae = make_sae(activation, **kw).to(torch.float32)
-    sae.cfg.dtype = "float32"
-    folder = sae.save(tmp_path / "sae")
-    theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
-    x = inputs(n=9).float()
-    with torch.no_grad():
-        torch.testing.assert_close(theirs.encode(x), sae.encode(x), rtol=0, atol=1e-6)
-        torch.testing.assert_close(theirs.decode(sae.encode(x)), sae.decode(sae.encode(x)),
-                                   rtol=0, atol=1e-6)
-        torch.testing.assert_close(theirs(x), sae(x), rtol=0, atol=1e-6)
-
-
-def test_save_is_atomic_no_temp_files(tmp_path):
-    sae = make_sae("relu")
-    folder = tmp_path / "sae"
-    sae.save(folder)
-    sae.save(folder)  # overwrite in place
-    assert sorted(p.name for p in folder.iterdir()) == sorted([CFG_FILENAME, WEIGHTS_FILENAME])
-
-
-def test_load_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match=CFG_FILENAME):
-        SAE.load(tmp_path / "nothing_here")
-    folder = make_sae("relu").save(tmp_path / "sae")
-    (folder / WEIGHTS_FILENAME).unlink()
-    with pytest.raises(FileNotFoundError, match=WEIGHTS_FILENAME):
-        SAE.load(folder)
-
-
-@pytest.mark.parametrize("keep", [0, 7, 100, -1])
-def test_load_truncated_weights(tmp_path, keep):
-    folder = make_sae("relu").save(tmp_path / "sae")
-    w = folder / WEIGHTS_FILENAME
-    data = w.read_bytes()
-    w.write_bytes(data[: keep if keep >= 0 else len(data) - 1])
-    with pytest.raises(ValueError, match=WEIGHTS_FILENAME):
-        SAE.load(folder)
-
-
-def test_load_foreign_weights_file(tmp_path):
-    folder = make_sae("relu").save(tmp_path / "sae")
-    (folder / WEIGHTS_FILENAME).write_bytes(b"PK\x03\x04 this is a zip, not safetensors" * 4)
-    with pytest.raises(ValueError, match=WEIGHTS_FILENAME):
-        SAE.load(folder)
-
-
-@pytest.mark.parametrize("text", ["{not json", "", "[1, 2, 3]", '{"d_in": 4}', "\xff\xfe"])
-def test_load_invalid_cfg_json(tmp_path, text):
-    folder = make_sae("relu").save(tmp_path / "sae")
-    (folder / CFG_FILENAME).write_bytes(text.encode("latin-1"))
-    with pytest.raises(ValueError, match=CFG_FILENAME):
-        SAE.load(folder)
-
-
-def test_load_shape_mismatch(tmp_path):
-    folder = make_sae("relu", d_in=6).save(tmp_path / "sae")
-    other = make_sae("relu", d_in=5)
-    save_file({k: v.contiguous() for k, v in other.state_dict().items()},
-              str(folder / WEIGHTS_FILENAME))
-    with pytest.raises(ValueError, match=WEIGHTS_FILENAME) as e:
-        SAE.load(folder)
-    assert CFG_FILENAME in str(e.value)
-
-
-def test_load_missing_tensor(tmp_path):
-    folder = make_sae("jumprelu").save(tmp_path / "sae")
-    sd = make_sae("relu").state_dict()  # no 'threshold'
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / WEIGHTS_FILENAME))
-    with pytest.raises(ValueError, match="threshold"):
-        SAE.load(folder)
-
-
 # ---------------------------------------------------------------- decoder normalisation
 
 
@@ -320,8 +189,8 @@ def test_load_missing_tensor(tmp_path):
     ids=["relu", "jumprelu"],
 )
 def test_set_decoder_norm_to_unit_norm_preserves_forward(activation, kw):
-    sae = make_sae(activation, **kw)
-    x = inputs(n=25)
+    sae = float64_sae(activation, **kw)
+    x = float64_inputs(n=25)
     with torch.no_grad():
         before_f, before = sae.encode(x), sae(x)
         norms = sae.W_dec.norm(dim=-1).clone()
@@ -335,7 +204,7 @@ def test_set_decoder_norm_to_unit_norm_preserves_forward(activation, kw):
 
 
 def test_set_decoder_norm_to_unit_norm_refuses_topk():
-    sae = make_sae("topk", k=3)
+    sae = float64_sae("topk", k=3)
     with pytest.raises(ValueError, match="allow_topk"):
         sae.set_decoder_norm_to_unit_norm()
     sae.set_decoder_norm_to_unit_norm(allow_topk=True)
@@ -355,88 +224,6 @@ def test_load_sae_lens_topk_with_decoder_norm_rescaling(tmp_path):
     ours = SAE.load(tmp_path)
     x = torch.randn(20, 8, generator=g)
     torch.testing.assert_close(ours(x), lens(x).detach(), rtol=1e-5, atol=1e-5)
-
-
-def test_sae_saved_on_a_gpu_loads_on_cpu_with_a_warning(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: the saved device is usable")
-    sae = SAE(SAEConfig(d_in=4, d_sae=8), seed=0)
-    sae.cfg.device = "cuda"  # as if saved from a GPU
-    sae.save(tmp_path)
-    with pytest.warns(UserWarning, match="saved on device 'cuda', which is not available"):
-        back = SAE.load(tmp_path)
-    assert back.W_enc.device.type == "cpu" and back.cfg.device == "cpu"
-    assert torch.equal(back.W_enc, sae.W_enc)
-
-
-# --------------------------------------- save as a pair: the weights carry their config's hash
-def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-def test_unserialisable_metadata_raises_before_touching_the_folder(tmp_path):
-    old = SAE(SAEConfig(d_in=4, d_sae=8, activation="topk", k=2), seed=1)
-    old.save(tmp_path)
-    before = _files(tmp_path)
-    new = SAE(SAEConfig(d_in=4, d_sae=8, activation="topk", k=5,
-                        metadata={"ok": 1, "scale": np.float32(2.0)}), seed=2)
-    with pytest.raises(TypeError, match=r"metadata\.scale.*numpy\.float32.*float\(x\)"):
-        new.save(tmp_path)
-    assert _files(tmp_path) == before  # bit for bit: nothing written
-    assert bitwise_equal(SAE.load(tmp_path), old)
-    with pytest.raises(TypeError, match=r"metadata\.scale"):  # a fresh folder is not made
-        new.save(tmp_path / "fresh")
-    assert not (tmp_path / "fresh").exists()
-
-
-def test_weights_carry_the_hash_of_their_config(tmp_path):
-    sae = SAE(SAEConfig(d_in=4, d_sae=8, metadata={"a": [1, 2]}), seed=3)
-    sae.save(tmp_path)
-    text = (tmp_path / "cfg.json").read_text()
-    canonical = json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
-    with safe_open(str(tmp_path / "sae_weights.safetensors"), framework="pt") as fh:
-        stored = fh.metadata()[sae_model.CFG_HASH_KEY]
-    assert stored == hashlib.sha256(canonical.encode()).hexdigest()
-    # whitespace and key order do not count; the content does
-    (tmp_path / "cfg.json").write_text(json.dumps(json.loads(text)))
-    assert bitwise_equal(SAE.load(tmp_path), sae)
-
-
-@pytest.mark.parametrize("hierarchical", [False, True])
-def test_crash_between_the_two_writes_is_detected(tmp_path, hierarchical):
-    if hierarchical:
-        old = HierarchicalSAE(HierarchicalSAEConfig(d_in=4, n_parents=2, children_per_parent=1))
-        cfg = HierarchicalSAEConfig(d_in=4, n_parents=2, children_per_parent=1, child_topk=1)
-        new, cls = HierarchicalSAE(cfg, seed=5), HierarchicalSAE
-    else:  # same shapes: the shape check alone cannot see the mix
-        old = SAE(SAEConfig(d_in=4, d_sae=8, activation="topk", k=2), seed=1)
-        new, cls = SAE(SAEConfig(d_in=4, d_sae=8, activation="topk", k=5), seed=2), SAE
-    old.save(tmp_path)
-    orig, calls = sae_model.atomic_write, {"n": 0}
-
-    def crash_second(target, write):
-        calls["n"] += 1
-        if calls["n"] == 2:  # weights replaced, config not yet
-            raise KeyboardInterrupt("crash")
-        return orig(target, write)
-
-    with mock.patch.object(sae_model, "atomic_write", crash_second):
-        with pytest.raises(KeyboardInterrupt):
-            new.save(tmp_path)
-    with pytest.raises(ValueError, match="different saves.*re-save the SAE"):
-        cls.load(tmp_path)
-    new.save(tmp_path)  # a complete save repairs the folder
-    assert bitwise_equal(cls.load(tmp_path), new)
-
-
-def test_folders_without_the_hash_still_load(tmp_path):
-    """E.g. written by SAELens: weights without metadata, any cfg.json."""
-    sae = SAE(SAEConfig(d_in=4, d_sae=8), seed=4)
-    save_file({k: v.contiguous() for k, v in sae.state_dict().items()},
-              str(tmp_path / "sae_weights.safetensors"))
-    (tmp_path / "cfg.json").write_text(json.dumps(sae.cfg.to_dict()))
-    assert bitwise_equal(SAE.load(tmp_path), sae)
-
 
 
 # ------------------------------------------------ the config: owned by the SAE, following to()
@@ -472,4 +259,3 @@ def test_device_names_that_still_fit_are_kept():
     assert not sae_model._same_device("cpu", torch.device("meta"))
     sae = SAE(SAEConfig(d_in=4, d_sae=8)).to("cpu")
     assert sae.cfg.device == "cpu"
-
