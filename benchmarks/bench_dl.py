@@ -12,8 +12,10 @@
   Its DL is the minimum over the bin counts that meet its threshold (its
   ``pick_minimum_viable``).
 
-Prints ``name: ours X, baseline Y, ratio Z`` lines (ratio = ours / baseline), then why the
-two DL values differ. SAEBench is installed with ``--no-deps`` plus ``collectibles``,
+The tl_mdl timings (DL vs one encode pass) run in interleaved rounds (``--rounds``,
+default 5; see ``_harness.py``). Prints ``name: ours X, baseline Y, ratio Z`` lines
+(ratio = ours / baseline), ``UNRELIABLE:`` lines, then why the two DL values differ.
+SAEBench is installed with ``--no-deps`` plus ``collectibles``,
 ``loguru``, ``tabulate`` (``make bench``); without it the SAEBench lines are skipped.
 """
 
@@ -24,6 +26,7 @@ import contextlib
 import io
 import math
 import os
+import statistics
 import sys
 import time
 import types
@@ -35,25 +38,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # SAEBench's per-latent progress bar
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _harness import Bench, add_args, order_problem  # noqa: E402
+
 from tl_mdl.mdl import description_length  # noqa: E402
 from tl_mdl.sae import SAE, SAEConfig  # noqa: E402
 
 SAEBENCH_NUM_BINS = [8, 16, 32, 64]
 SAEBENCH_MSE_THRESHOLD = 0.2
-
-
-def line(name: str, ours: float, base: float) -> None:
-    ratio = ours / base if base else float("nan")
-    print(f"{name}: ours {ours:.4g}, baseline {base:.4g}, ratio {ratio:.4g}", flush=True)
-
-
-def best_of(fn, repeats: int) -> tuple[float, object]:
-    best, out = math.inf, None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 # ------------------------------------------------------------------------ SAEBench shims
@@ -173,20 +164,31 @@ def random_problem(d_in: int, d_sae: int, n: int, seed: int) -> tuple[SAE, torch
     return sae, torch.randn(n, d_in, generator=gen)
 
 
-def time_dl_vs_encode(sae: SAE, x: torch.Tensor, tolerance: float, repeats: int):
-    """Best-of-``repeats`` times of one ``sae.encode`` pass, ``description_length`` and
+def time_dl_vs_encode(bench: Bench, sae: SAE, x: torch.Tensor, tolerance: float):
+    """Seconds per round of one ``sae.encode`` pass, ``description_length`` and
     ``description_length(raw_cost=False)``, interleaved so the three see the same load.
-    Returns (encode s, DL s, DL without raw cost s, the DL report, the latents)."""
-    enc_s = dl_s = dl0_s = math.inf
-    for _ in range(repeats):
-        with torch.no_grad():
-            t, f = best_of(lambda: sae.encode(x), 1)
-        enc_s = min(enc_s, t)
-        t, rep = best_of(lambda: description_length(sae, x, tolerance=tolerance), 1)
-        dl_s = min(dl_s, t)
-        t, _ = best_of(lambda: description_length(sae, x, tolerance=tolerance, raw_cost=False), 1)
-        dl0_s = min(dl0_s, t)
-    return enc_s, dl_s, dl0_s, rep, f
+    Returns (the samples by name, the DL report, the latents)."""
+    with torch.no_grad():
+        f = sae.encode(x)
+    rep = description_length(sae, x, tolerance=tolerance)
+
+    @torch.no_grad()
+    def encode():
+        return sae.encode(x)
+
+    t = bench.interleaved({
+        "encode": encode,
+        "dl": lambda: description_length(sae, x, tolerance=tolerance),
+        "dl0": lambda: description_length(sae, x, tolerance=tolerance, raw_cost=False),
+    })
+    return t, rep, f
+
+
+def dl_vs_encode_lines(bench: Bench, t: dict[str, list[float]], suffix: str = "") -> None:
+    bench.line(f"dl_vs_encode_time{suffix}", t["dl"], t["encode"])
+    bench.line(f"dl_vs_encode_time_no_raw_cost{suffix}", t["dl0"], t["encode"])
+    bench.flag(order_problem(f"dl_vs_encode_time{suffix}", t["dl0"], t["encode"],
+                             "DL scoring faster than the encode pass it contains"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,20 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=None, help="number of activations")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tolerance", type=float, default=0.01)
-    ap.add_argument("--repeats", type=int, default=3, help="best-of for the tl_mdl timings")
     ap.add_argument("--skip-baseline", action="store_true", help="tl_mdl lines only")
-    args = ap.parse_args(argv)
+    args = add_args(ap, rounds=5).parse_args(argv)
     d_sae = args.d_sae or (2048 if args.full else 512)
     n = args.n or (20_000 if args.full else 5_000)
 
     sae, x = random_problem(args.d_in, d_sae, n, args.seed)
-    print(
-        f"# random ReLU SAE d_in {args.d_in}, d_sae {d_sae}, seed {args.seed}; {n} activations "
-        f"(N(0, I)); torch {torch.__version__}, {torch.get_num_threads()} CPU threads; "
-        f"tl_mdl times are the best of {args.repeats}",
-        flush=True,
-    )
-    enc_s, dl_s, dl0_s, rep, f = time_dl_vs_encode(sae, x, args.tolerance, args.repeats)
+    bench = Bench(f"bench_dl: random ReLU SAE d_in {args.d_in}, d_sae {d_sae}, seed "
+                  f"{args.seed}; {n} activations (N(0, I)); SAEBench runs once (too slow to "
+                  "repeat)", args)
+    t, rep, f = time_dl_vs_encode(bench, sae, x, args.tolerance)
     print(f"# tl_mdl: {rep}", flush=True)
 
     base = None if args.skip_baseline else run_saebench(sae, x)
@@ -223,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sb_s, results = base
         best = pick_minimum_viable(results)
-        line("dl_time_s", dl_s, sb_s)
-        line("dl_bits_per_input", rep.bits_per_input, best["description_length"])
+        bench.line("dl_time_s", [statistics.median(t["dl"])], [sb_s], note="SAEBench: 1 run")
+        bench.line("dl_bits_per_input", [rep.bits_per_input], [best["description_length"]],
+                   check_spread=False)
         for r in results:
             print(
                 f"# SAEBench num_bins {r['num_bins']}: DL {r['description_length']:.2f} bits, "
@@ -236,16 +235,14 @@ def main(argv: list[str] | None = None) -> int:
             f"# SAEBench's formula re-computed here (vectorised): "
             f"{ours_style:.2f} bits at num_bins {best['num_bins']}"
         )
-    line("dl_vs_encode_time", dl_s, enc_s)
-    line("dl_vs_encode_time_no_raw_cost", dl0_s, enc_s)
+    dl_vs_encode_lines(bench, t)
     if not args.full and args.d_sae is None and args.n is None:
         # the issue states the <= 3x target on its own input (d_sae 2048, N 20,000): time
         # tl_mdl there too (no SAEBench run at that size without --full)
         big_sae, big_x = random_problem(args.d_in, 2048, 20_000, args.seed)
-        e, d, d0, _, _ = time_dl_vs_encode(big_sae, big_x, args.tolerance, args.repeats)
-        print(f"# the same ratios at d_sae 2048, N 20,000 (best of {args.repeats})", flush=True)
-        line("dl_vs_encode_time_d_sae2048_n20000", d, e)
-        line("dl_vs_encode_time_no_raw_cost_d_sae2048_n20000", d0, e)
+        print("# the same ratios at d_sae 2048, N 20,000", flush=True)
+        t_big, _, _ = time_dl_vs_encode(bench, big_sae, big_x, args.tolerance)
+        dl_vs_encode_lines(bench, t_big, "_d_sae2048_n20000")
 
     # Rescaling the SAE (latents ×s, decoder ÷s; s a power of 2, so exact in floating
     # point and on tl_mdl's 2^(j/8) grid) changes nothing it reconstructs.
@@ -258,10 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         f2 = sae2.encode(x)
     rep2 = description_length(sae2, x, tolerance=args.tolerance, raw_cost=False)
     nb = 16
-    line(
+    bench.line(
         f"dl_rescaled_x{s:g}_over_original",
-        rep2.bits_per_input / rep.bits_per_input,
-        saebench_style_dl(f2, nb) / saebench_style_dl(f, nb),
+        [rep2.bits_per_input / rep.bits_per_input],
+        [saebench_style_dl(f2, nb) / saebench_style_dl(f, nb)],
+        check_spread=False,
     )
     print(
         f"""
@@ -289,7 +287,7 @@ Why the DL values differ (same SAE, same activations):
   num_bins {nb}); tl_mdl's precision search rescales w with it (the grid is 2^(j/8)), so
   its DL is unchanged (ratio {rep2.bits_per_input / rep.bits_per_input:.4g})."""
     )
-    return 0
+    return bench.finish()
 
 
 if __name__ == "__main__":

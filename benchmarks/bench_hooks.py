@@ -6,20 +6,24 @@
                                               # SAE 256 -> 4096, 16 x 128 tokens
 
 Three SAEs: ReLU with dense latents, TopK (k = 64 of 4096), and ReLU with biases set so
-L0 ≈ 48 of 4096. Timings are the minimum over interleaved repeats (robust to other load on
-the machine), under ``torch.no_grad()``. Prints ``name: ours X, baseline Y, ratio Z``.
+L0 ≈ 48 of 4096. Every variant is timed once per round, in turn (``--rounds``, default 9),
+under ``torch.no_grad()``; each figure is the median of the paired per-round ratios (see
+``_harness.py``). Prints ``name: ours X, baseline Y, ratio Z`` and ``UNRELIABLE:`` lines for
+impossible orderings (a splice faster than the bare model, or than the bare model plus its
+encoder GEMM), wide spreads and an overloaded machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import statistics
 import warnings
 
 import torch
 
 warnings.filterwarnings("ignore")
 
+from _harness import Bench, add_args, order_problem  # noqa: E402
 from sae_lens import HookedSAETransformer  # noqa: E402
 from transformer_lens import HookedTransformerConfig  # noqa: E402
 
@@ -57,17 +61,15 @@ def make_saes(model, tokens, hook, d_in, d_sae, k):
             f"relu sparse L0={l0:.0f}/{d_sae}": sparse}
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--full", action="store_true", help="issue-size configuration")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = add_args(ap, rounds=9).parse_args()
     torch.manual_seed(0)
     model, tokens, hook, d_in, d_sae, k = build(args.full)
-    repeats = args.repeats or (7 if args.full else 9)
+    size = "full" if args.full else "small"
+    bench = Bench(f"bench_hooks ({size}): hook {hook}, tokens {tuple(tokens.shape)}, "
+                  f"d_in {d_in} -> d_sae {d_sae}, times in ms", args)
     saes = make_saes(model, tokens, hook, d_in, d_sae, k)
 
     runs = {"bare": lambda: model(tokens)}
@@ -93,8 +95,9 @@ def main() -> None:
         runs[f"ours {name}"] = ours
         runs[f"sl {name}"] = theirs
 
-    # The floor of any exact sparse splice: the model plus the encoder GEMM alone (an exact
-    # TopK or ReLU code needs every pre-activation), timed on the hook's activation.
+    # The floor of any exact splice: the model plus the encoder GEMM alone (an exact TopK or
+    # ReLU code needs every pre-activation), timed on the hook's activation. Every SAE here
+    # has the same d_in x d_sae encoder.
     enc = saes[f"topk k={k}/{d_sae}"]
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=hook)
@@ -102,35 +105,35 @@ def main() -> None:
     W, b_enc, b_dec = enc.W_enc.detach(), enc.b_enc.detach(), enc.b_dec.detach()
     runs["encoder gemm"] = lambda: torch.addmm(b_enc, x - b_dec, W)
 
-    best = {n: float("inf") for n in runs}
     with torch.no_grad():
-        for f in runs.values():
-            f()  # warm-up
-        for _ in range(repeats):  # interleaved, so load changes hit every variant alike
-            for n, f in runs.items():
-                t0 = time.perf_counter()
-                f()
-                best[n] = min(best[n], time.perf_counter() - t0)
+        t = bench.interleaved(runs)
+    ms = {n: [s * 1e3 for s in v] for n, v in t.items()}
+    bare = ms["bare"]
+    floor = [b + g for b, g in zip(bare, ms["encoder gemm"], strict=True)]
+    print(f"# bare model {statistics.median(bare):.1f} ms, encoder GEMM "
+          f"{statistics.median(ms['encoder gemm']):.1f} ms (medians)")
+    for name in saes:
+        bench.line(f"forward {name} [ms]", ms[f"ours {name}"], ms[f"sl {name}"], fmt=".1f")
+    for name in saes:
+        o = [a / b for a, b in zip(ms[f"ours {name}"], bare, strict=True)]
+        s = [a / b for a, b in zip(ms[f"sl {name}"], bare, strict=True)]
+        bench.line(f"cost vs bare model, {name}", o, s, unit="x", fmt=".2f")
+    # The best ratio any exact implementation could print, and ours against it.
+    for name in saes:
+        bench.line(f"floor of an exact splice, {name} (model + encoder GEMM alone) [ms]",
+                   floor, ms[f"sl {name}"], fmt=".1f")
+    for name in saes:
+        bench.line(f"splice vs its floor, {name} [ms]", ms[f"ours {name}"], floor, fmt=".1f",
+                   note="target <= 1.05 for the sparse SAEs")
+    for name in saes:
+        for who, key in (("tl_mdl", "ours"), ("SAELens", "sl")):
+            spliced = ms[f"{key} {name}"]
+            bench.flag(order_problem(f"forward {name} ({who})", spliced, bare,
+                                     "spliced forward faster than the bare model")
+                       or order_problem(f"forward {name} ({who})", spliced, floor,
+                                        "SAE cost below its encoder GEMM"))
+    return bench.finish()
 
-    size = "full" if args.full else "small"
-    print(f"# bench_hooks ({size}): hook {hook}, tokens {tuple(tokens.shape)}, "
-          f"d_in {d_in} -> d_sae {d_sae}, {torch.get_num_threads()} threads, "
-          f"min of {repeats}; bare model {best['bare'] * 1e3:.1f} ms")
-    for name in saes:
-        o, s = best[f"ours {name}"], best[f"sl {name}"]
-        print(f"forward {name} [ms]: ours {o * 1e3:.1f}, baseline {s * 1e3:.1f}, "
-              f"ratio {o / s:.2f}")
-    for name in saes:
-        o, s = best[f"ours {name}"], best[f"sl {name}"]
-        bare = best["bare"]
-        print(f"cost vs bare model, {name}: ours {o / bare:.2f}x, baseline {s / bare:.2f}x, "
-              f"ratio {o / s:.2f}")
-    # The best ratio any exact implementation could print for the sparse SAEs.
-    floor = best["bare"] + best["encoder gemm"]
-    for name in list(saes)[1:]:
-        s = best[f"sl {name}"]
-        print(f"floor of an exact splice, {name} (model + encoder GEMM alone) [ms]: "
-              f"ours {floor * 1e3:.1f}, baseline {s * 1e3:.1f}, ratio {floor / s:.2f}")
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
