@@ -18,6 +18,7 @@ In a transformer, ``x`` is the MLP's *input*, i.e. the residual stream after ``l
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -181,16 +182,26 @@ def interaction_matrix(
 # eigendecomposition
 
 
-def _sort_by_abs(values: Tensor, vectors_rows: Tensor, k: int | None) -> Eigen:
+def _sort_by_abs(
+    values: Tensor, vectors_rows: Tensor, k: int | None, out: Eigen | None = None
+) -> Eigen:
+    """Eigenpairs sorted by ``|λ|`` descending (the first ``k``), written into ``out`` if given."""
     order = values.abs().argsort(dim=-1, descending=True, stable=True)
     if k is not None:
         order = order[..., :k]
-    values = values.gather(-1, order)
-    vectors = vectors_rows.gather(-2, order[..., None].expand(-1, -1, vectors_rows.shape[-1]))
-    return Eigen(values, vectors)
+    index = order[..., None].expand(-1, -1, vectors_rows.shape[-1])
+    if out is None:
+        return Eigen(values.gather(-1, order), vectors_rows.gather(-2, index))
+    torch.gather(values, -1, order, out=out.values)
+    torch.gather(vectors_rows, -2, index, out=out.vectors)
+    return out
 
 
 _LAPACK = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}
+# Directions whose Q(u) is formed and solved at once (rounded up for alignment, see
+# _eigen_into): the memory beyond the output is about twice that many [d, d] matrices
+# (Q and eigh's copy of it) plus eigh's workspace
+_EIGH_BATCH = 8
 
 
 @functools.lru_cache(maxsize=32)
@@ -265,11 +276,11 @@ def _topk_eigh_one(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return w, V.numpy()
 
 
-def _eigh_chunk(Q: Tensor, k: int | None) -> Eigen:
+def _eigh_chunk(Q: Tensor, k: int | None, out: Eigen | None = None) -> Eigen:
     d = Q.shape[-1]
     if k is None or k >= d:
         values, vectors = torch.linalg.eigh(Q)
-        return _sort_by_abs(values, vectors.mT, None if k is None else k)
+        return _sort_by_abs(values, vectors.mT, None if k is None else k, out)
     Qn = Q.cpu().numpy()
     ws, vs = [], []
     for q in Qn:
@@ -278,7 +289,7 @@ def _eigh_chunk(Q: Tensor, k: int | None) -> Eigen:
         vs.append(v.T)
     values = torch.from_numpy(np.stack(ws)).to(Q.device)
     vectors = torch.from_numpy(np.stack(vs)).to(Q.device)
-    return _sort_by_abs(values, vectors, None)
+    return _sort_by_abs(values, vectors, None, out)
 
 
 def _as_int(v) -> int | None:
@@ -305,6 +316,13 @@ def iter_eigendecompose(
     """Streaming :func:`eigendecompose`: yields ``(rows, Eigen)`` per chunk of ``chunk_size``
     directions, so peak memory is ``O(chunk_size · d²)`` whatever ``n`` is. Arguments are
     checked when called, before the first chunk."""
+    return _iter_eigen_chunks(
+        *_checked(mlp, out_dirs, bias, in_basis, k, chunk_size, dtype), progress
+    )
+
+
+def _checked(mlp, out_dirs, bias, in_basis, k, chunk_size, dtype):
+    """Validated ``(L, R, W_out, U, k, chunk_size)`` for the eigendecomposition."""
     if k is not None and (_as_int(k) is None or k < 1):
         raise ValueError(f"k={k!r} must be a positive number of eigenpairs (or None for all)")
     if _as_int(chunk_size) is None or chunk_size < 1:
@@ -325,22 +343,51 @@ def iter_eigendecompose(
             "pass k <= d (or k=None for all)"
         )
     k = None if k is None else _as_int(k)
-    return _iter_eigen_chunks(L, R, W_out, U, k, _as_int(chunk_size), progress)
+    return L, R, W_out, U, k, _as_int(chunk_size)
+
+
+def _eigen_into(
+    L: Tensor, R: Tensor, C: Tensor, k: int | None, out: Eigen, scratch: Tensor, d_out: int
+) -> None:
+    """Eigenpairs of ``Q(c)`` for each row of ``C [c, h]``, written into ``out`` (``[c, k]``,
+    ``[c, k, d]``). ``Q`` is formed and solved a few directions at a time (fewer for a small
+    ``d_out``), so the memory beyond ``out`` is a few ``[d, d]`` matrices, not ``[c, d, d]``.
+
+    Same bits as solving the whole chunk at once: every matrix has its own GEMM and LAPACK
+    call, but LAPACK's vector kernels round differently with a matrix's address alignment,
+    so each batch starts at a multiple of ``align`` matrices, where the position in the
+    chunk has the same alignment (mod 64 bytes, torch's CPU allocation alignment)."""
+    d = L.shape[0]
+    align = 64 // math.gcd(d * d * L.element_size(), 64)
+    want = max(1, min(_EIGH_BATCH, d_out // 16))
+    batch = align * -(-want // align)
+    for s in range(0, C.shape[0], batch):
+        rows = slice(s, s + batch)
+        Q = _form_q(L, R, C[rows], scratch)
+        _eigh_chunk(Q, k, Eigen(out.values[rows], out.vectors[rows]))
+        del Q
+
+
+def _new_eigen(L: Tensor, n: int, k: int | None) -> Eigen:
+    d = L.shape[0]
+    return Eigen(L.new_empty(n, d if k is None else k), L.new_empty(n, d if k is None else k, d))
 
 
 def _iter_eigen_chunks(
     L: Tensor, R: Tensor, W_out: Tensor, U: Tensor, k: int | None, chunk_size: int,
-    progress: bool,
+    progress: bool, out: Eigen | None = None,
 ) -> Iterator[tuple[slice, Eigen]]:
+    """Each chunk's eigenpairs, in a new ``Eigen`` per chunk or, with ``out``, in its rows."""
     scratch = L.new_empty(L.shape)
     n = U.shape[0]
     starts = range(0, n, chunk_size)
     for start in tqdm(starts, desc="eigendecompose", disable=not progress, unit="chunk"):
         rows = slice(start, min(start + chunk_size, n))
         C = U[rows] @ W_out.T  # [c, h]: the diagonal of Q(u) in the hidden basis
-        Q = _form_q(L, R, C, scratch)
-        yield rows, _eigh_chunk(Q, k)
-        del Q
+        part = (_new_eigen(L, C.shape[0], k) if out is None
+                else Eigen(out.values[rows], out.vectors[rows]))
+        _eigen_into(L, R, C, k, part, scratch, W_out.shape[1])
+        yield rows, part
 
 
 def eigendecompose(
@@ -364,15 +411,13 @@ def eigendecompose(
     :func:`iter_eigendecompose` to stream. ``dtype`` (default: the weights') must be float32 or
     float64. Raises ``ValueError`` for ``k > d``, ``k < 1`` or an empty ``out_dirs``.
     """
-    chunks = list(
-        iter_eigendecompose(
-            mlp, out_dirs, bias=bias, in_basis=in_basis, k=k, chunk_size=chunk_size,
-            dtype=dtype, progress=progress,
-        )
-    )
-    return Eigen(
-        torch.cat([e.values for _, e in chunks]), torch.cat([e.vectors for _, e in chunks])
-    )
+    L, R, W_out, U, k, chunk_size = _checked(mlp, out_dirs, bias, in_basis, k, chunk_size, dtype)
+    # every chunk is written into the preallocated result, so the memory beyond it is one
+    # chunk's [c, h] diagonals and a few [d, d] matrices (see _eigen_into), not a second copy
+    out = _new_eigen(L, U.shape[0], k)
+    for _ in _iter_eigen_chunks(L, R, W_out, U, k, chunk_size, progress, out):
+        pass
+    return out
 
 
 def eigen_expansion(
