@@ -1,6 +1,8 @@
 """Benchmark: how time and memory grow with size (streaming store, DL scoring, bilinear).
 
-Each variant runs in its own subprocess (clean peak memory, one thread). Memory is the rise
+Each variant runs in its own subprocess (clean peak memory; one thread on machines with
+<= 2 cores, ``--threads`` to change), ours and baseline in interleaved rounds
+(``--rounds``, default 2; see ``_harness.py``). Memory is the rise
 of the resident set during the measured call: VmHWM after it minus VmRSS before it (the
 high-water mark is reset via /proc/self/clear_refs), so imports and inputs built beforehand
 are not counted.
@@ -30,12 +32,16 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _harness import Bench, add_args
+
+BENCH: Bench  # set in main()
 
 def _status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -149,16 +155,16 @@ WORKERS = {"stream": _stream, "dl": _dl, "eig": _eig}
 def _worker(argv: list[str]) -> None:
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     kind, variant, args = argv[0], argv[1], json.loads(argv[2])
     print(json.dumps(WORKERS[kind](variant, **args)))
 
 
 # ------------------------------------------------------------------------------ driver
 def _run(kind: str, variant: str, timeout: float = 900, **args) -> dict[str, float] | None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # the thread count reaches the worker through OMP_NUM_THREADS etc., set by Bench
     cmd = [sys.executable, __file__, "--worker", kind, variant, json.dumps(args)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:
         tail = res.stderr.strip().splitlines()[-1:] or ["?"]
         print(f"  ({kind} {variant} {args} failed: {tail[0]})", flush=True)
@@ -166,11 +172,28 @@ def _run(kind: str, variant: str, timeout: float = 900, **args) -> dict[str, flo
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _line(name: str, ours: dict | None, base: dict | None, key: str, unit: str) -> None:
-    o = ours[key] if ours else float("nan")
-    b = base[key] if base else float("nan")
-    ratio = o / b if ours and base and b > 0 else float("nan")
-    print(f"{name}: ours {o:.3g} {unit}, baseline {b:.3g} {unit}, ratio {ratio:.3g}", flush=True)
+def _rounds(kind: str, variants: tuple[str, ...], **args) -> dict[str, list[dict]]:
+    """Each variant once per round, in turn; a failed run drops that variant's figures."""
+    out: dict[str, list[dict]] = {v: [] for v in variants}
+    for _ in range(BENCH.rounds):
+        BENCH.sample_load()
+        for v in variants:
+            r = _run(kind, v, **args)
+            if r is not None:
+                out[v].append(r)
+    return out
+
+
+def _line(name: str, ours: list[dict], base: list[dict], key: str, unit: str) -> None:
+    if not ours or len(ours) != len(base):
+        print(f"{name}: not measured (a run failed)", flush=True)
+        return
+    BENCH.line(name, [r[key] for r in ours], [r[key] for r in base], unit, ".3g",
+               check_spread=key == "seconds")
+
+
+def _medians(runs: list[dict]) -> dict[str, float] | None:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]} if runs else None
 
 
 def _growth(name: str, sizes: list[int], results: list[dict | None], key: str) -> None:
@@ -199,8 +222,8 @@ def bench_stream(full: bool) -> None:
             mb = n_rows * d_in * 4 / 2**20
             print(f"stream {factor}x buffer: {n_rows} rows x {d_in} f32 = {mb:.0f} MB on disk, "
                   f"buffer {buffer} rows = {buffer * d_in * 4 / 2**20:.0f} MB", flush=True)
-            args = dict(folder=tmp, batch=batch, buffer=buffer)
-            ours, base = _run("stream", "ours", **args), _run("stream", "baseline", **args)
+            r = _rounds("stream", ("ours", "baseline"), folder=tmp, batch=batch, buffer=buffer)
+            ours, base = r["ours"], r["baseline"]
             _line(f"stream_{factor}x_peak_rss", ours, base, "peak_mb", "MB")
             _line(f"stream_{factor}x_time", ours, base, "seconds", "s")
 
@@ -210,13 +233,12 @@ def bench_dl(full: bool) -> None:
     sizes = [8192, 32768, 131072] + ([524288] if full else [])
     ours_all = []
     for n in sizes:
-        ours = _run("dl", "ours", n=n, d_in=d_in, d_sae=d_sae)
-        base = _run("dl", "baseline", n=n, d_in=d_in, d_sae=d_sae)
-        ours_all.append(ours)
+        r = _rounds("dl", ("ours", "baseline", "chunked"), n=n, d_in=d_in, d_sae=d_sae)
+        ours, base, chunked = r["ours"], r["baseline"], r["chunked"]
+        ours_all.append(_medians(ours))
         _line(f"dl_N{n}_d{d_in}_F{d_sae}_time", ours, base, "seconds", "s")
         _line(f"dl_N{n}_d{d_in}_F{d_sae}_peak", ours, base, "peak_mb", "MB")
         # ours = max_memory_mb=64 (streamed chunks), baseline = the in-memory library call
-        chunked = _run("dl", "chunked", n=n, d_in=d_in, d_sae=d_sae)
         _line(f"dl_N{n}_d{d_in}_F{d_sae}_chunked64MB_time", chunked, ours, "seconds", "s")
         _line(f"dl_N{n}_d{d_in}_F{d_sae}_chunked64MB_peak", chunked, ours, "peak_mb", "MB")
     _growth("dl time", sizes, ours_all, "seconds")
@@ -227,9 +249,9 @@ def bench_eig(full: bool) -> None:
     sizes = [64, 128, 256] + ([512] if full else [])
     ours_all = []
     for d in sizes:
-        ours = _run("eig", "ours", d_model=d)
-        base = _run("eig", "baseline", d_model=d)
-        ours_all.append(ours)
+        r = _rounds("eig", ("ours", "baseline"), d_model=d)
+        ours, base = r["ours"], r["baseline"]
+        ours_all.append(_medians(ours))
         _line(f"eig_d{d}_mlp{4 * d}_n{d}_time", ours, base, "seconds", "s")
         _line(f"eig_d{d}_mlp{4 * d}_n{d}_peak", ours, base, "peak_mb", "MB")
     _growth("eig time", sizes, ours_all, "seconds")
@@ -243,11 +265,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="larger sizes (several minutes)")
     ap.add_argument("--only", choices=sorted(WORKERS), default=None)
-    args = ap.parse_args()
+    args = add_args(ap, rounds=2).parse_args()
+    global BENCH
+    BENCH = Bench("bench_scale: time and peak RSS against size", args)
     for name, fn in (("stream", bench_stream), ("dl", bench_dl), ("eig", bench_eig)):
         if args.only in (None, name):
             fn(args.full)
-    return 0
+    return BENCH.finish()
 
 
 if __name__ == "__main__":
