@@ -2,6 +2,8 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tl_mdl-installed
+# e.g. make bench BENCH_ARGS="--strict --threads 1" (see benchmarks/run_all.py)
+BENCH_ARGS ?=
 
 .PHONY: venv demo demos test lint bench clean
 
@@ -30,7 +32,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m pip install -q --no-deps 'sae-bench==0.6.*' || echo "sae-bench unavailable: SAEBench baseline skipped"
-	MPLBACKEND=Agg $(PY) benchmarks/run_all.py
+	MPLBACKEND=Agg $(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf out .pytest_cache
