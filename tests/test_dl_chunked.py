@@ -96,7 +96,7 @@ def test_chunked_fixed_width_and_no_raw(arch: str) -> None:
 
 
 def test_budget_large_enough_uses_in_memory_path() -> None:
-    assert _chunk_rows(None, 10**6, 4096) is None
+    assert _chunk_rows(None, 10**5, 4096) is None  # 1.6 GB: under DEFAULT_MAX_MEMORY_MB
     assert _chunk_rows(1.0, 100, 64) is None  # 25 KiB of latents fit in 1 MiB
     assert _chunk_rows(1.0, 10**5, 4096) == 4
     with pytest.raises(ValueError):

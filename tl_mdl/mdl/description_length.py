@@ -555,10 +555,15 @@ def _validated_activations(activations, d_in: int) -> tuple[Tensor, float]:
     return x, abs_max
 
 
+#: ``max_memory_mb=None`` holds all latents at once only up to this size: a SAELens-sized
+#: SAE (d_sae 24,576) on 200,000 inputs would need 19.7 GB of dense latents.
+DEFAULT_MAX_MEMORY_MB = 4096
+
+
 def _chunk_rows(max_memory_mb: float | None, n: int, d_sae: int) -> int | None:
-    """Rows per chunk for a memory budget (None: everything at once fits, or no budget)."""
+    """Rows per chunk for a memory budget (None: everything at once fits)."""
     if max_memory_mb is None:
-        return None
+        max_memory_mb = DEFAULT_MAX_MEMORY_MB
     budget = float(max_memory_mb) * 2**20
     if not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"max_memory_mb must be a finite number > 0, got {max_memory_mb!r}")
@@ -596,7 +601,8 @@ def description_length(
     most a quarter of it (the rest is for temporaries), re-encoding every chunk on each
     pass (the unquantised error, each exact evaluation of the search, the final code
     statistics); counts are merged across chunks, so the report is the same as without
-    it (up to float summation order). Default ``None``: all latents held at once (fastest).
+    it (up to float summation order). Default ``None``: all latents held at once (fastest)
+    when they take at most ``DEFAULT_MAX_MEMORY_MB`` (4096), else chunked within that budget.
     """
     if not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance <= 0:
         raise ValueError(f"tolerance must be a finite number > 0, got {tolerance!r}")
