@@ -189,3 +189,17 @@ def test_fvu_threshold_and_tolerance_together_or_neither_is_an_error():
         SweepTable(_rows()).select(0.2, tolerance=0.2)
     with pytest.raises(TypeError, match="needs fvu_threshold"):
         select_mdl(_rows())
+
+
+def test_no_sae_meeting_the_threshold_is_a_typed_error_carrying_the_closest_row():
+    """Callers (the CLI) read what came closest from the exception, not from its text."""
+    from tl_mdl.mdl import NoSAEMeetsThreshold
+
+    rows = _rows()
+    closest = min(rows, key=lambda r: r["fvu_quantized"])
+    for call in (lambda: select_mdl_row(rows, 0.01), lambda: SweepTable(rows).select(0.01)):
+        with pytest.raises(NoSAEMeetsThreshold) as info:
+            call()
+        assert isinstance(info.value, ValueError)  # code catching ValueError keeps working
+        assert info.value.best == closest and info.value.fvu_threshold == 0.01
+        assert info.value.loss_key == "fvu_quantized"

@@ -38,7 +38,10 @@ __all__ = [
     "latent_description_length",
     "quantize",
     "total_variance",
+    "NoSAEMeetsThreshold",
+    "select_mdl",
+    "select_mdl_row",
 ]
 
 from tl_mdl.mdl.hierarchical import latent_description_length  # noqa: E402
-from tl_mdl.mdl.select import select_mdl, select_mdl_row  # noqa: E402
+from tl_mdl.mdl.select import NoSAEMeetsThreshold, select_mdl, select_mdl_row  # noqa: E402

@@ -13,6 +13,18 @@ from typing import Any
 from tl_mdl.sae import SAE
 
 
+class NoSAEMeetsThreshold(ValueError):
+    """No row of a table reaches the selection threshold. ``best`` is the row with the lowest
+    ``loss_key`` (what came closest), ``fvu_threshold`` and ``loss_key`` what was asked."""
+
+    def __init__(self, best: Mapping[str, Any], fvu_threshold: float, loss_key: str):
+        self.best, self.fvu_threshold, self.loss_key = best, fvu_threshold, loss_key
+        super().__init__(
+            f"no SAE meets {loss_key} <= {fvu_threshold:g} (the best has {best[loss_key]:.4g}); "
+            "raise fvu_threshold or train wider / denser SAEs"
+        )
+
+
 def resolve_fvu_threshold(
     fvu_threshold: float | None, tolerance: float | None, where: str
 ) -> float:
@@ -71,11 +83,7 @@ def _select_row(
             raise KeyError(f"table rows need 'bits_per_input' and {loss_key!r}; got {sorted(r)}")
     ok = [r for r in rows if r[loss_key] <= fvu_threshold]
     if not ok:
-        best = min(r[loss_key] for r in rows)
-        raise ValueError(
-            f"no SAE meets {loss_key} <= {fvu_threshold:g} (the best has {best:.4g}); raise "
-            "fvu_threshold or train wider / denser SAEs"
-        )
+        raise NoSAEMeetsThreshold(min(rows, key=lambda r: r[loss_key]), fvu_threshold, loss_key)
     return min(ok, key=lambda r: r["bits_per_input"])
 
 
