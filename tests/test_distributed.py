@@ -128,17 +128,20 @@ def test_helpers_without_process_group():
                   distributed=True)
 
 
-def test_entry_point_trains_on_shards(tmp_path, capsys):
-    """``python -m tl_mdl.training.distributed`` (here in-process, world size 1; the same code
-    runs under ``torchrun --nproc_per_node N``)."""
+def test_entry_point_trains_on_shards(tmp_path):
+    """``tl-mdl ddp-train`` (here in-process, world size 1; the same command runs under
+    ``torchrun --nproc_per_node N -m tl_mdl.cli ddp-train``)."""
+    from typer.testing import CliRunner
+
     from tl_mdl import save_activations
+    from tl_mdl.cli import app
 
     data = sparse_data()
     save_activations(data[:300], tmp_path / "shards" / "a.safetensors")
     save_activations(data[300:], tmp_path / "shards" / "b.safetensors")
-    rc = ddp.main([str(tmp_path / "shards"), "--d-sae", "16", "--steps", "5", "--batch-size",
-                   "32", "--buffer-size", "128", "--out", str(tmp_path / "sae")])
-    assert rc == 0 and "world size 1" in capsys.readouterr().out
+    r = CliRunner().invoke(app, ["ddp-train", str(tmp_path / "shards"), "--d-sae", "16",
+                                 "--steps", "5", "--batch-size", "32", "--buffer-size", "128",
+                                 "--out", str(tmp_path / "sae")])
+    assert r.exit_code == 0 and "world size 1" in r.output, r.output
     assert SAE.load(tmp_path / "sae").cfg.d_sae == 16
-    with pytest.raises(SystemExit):
-        ddp.main(["--help"])
+    assert "--d-sae" in CliRunner().invoke(app, ["ddp-train", "--help"]).output

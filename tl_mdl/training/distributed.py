@@ -10,17 +10,15 @@ on the same data and seed up to the order of float reductions.
 
 ``sweep`` splits its grid over ranks and gathers the rows on rank 0.
 
-Launch::
+Launch with the command line (``acts/`` a folder of safetensors shards with one
+``activations`` tensor each; ``tl-mdl ddp-train --help`` lists the options)::
 
-    torchrun --nproc_per_node 2 -m tl_mdl.training.distributed acts/ --d-sae 512 --steps 2000
-
-(``acts/`` a folder of safetensors shards with one ``activations`` tensor each; or the same
-arguments to ``torchrun --nproc_per_node 2 benchmarks/ddp_train.py``).
+    torchrun --nproc_per_node 2 -m tl_mdl.cli ddp-train acts/ --d-sae 512 --steps 2000 \\
+        --out out/ddp_sae
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -154,54 +152,3 @@ def gather_to_main(obj: object) -> list[object] | None:
     out: list[object] | None = [None] * world_size() if is_main_process() else None
     dist.gather_object(obj, out, dst=0)
     return out
-
-
-# ------------------------------------------------------------------------------ entry
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="torchrun --nproc_per_node N -m tl_mdl.training.distributed",
-        description="Data-parallel SAE training on activation shards (safetensors).",
-    )
-    ap.add_argument("shards", nargs="+", help="safetensors shard files or folders of them")
-    ap.add_argument("--d-sae", type=int, required=True)
-    ap.add_argument("--objective", default="mdl")
-    ap.add_argument("--activation", default="relu")
-    ap.add_argument("--k", type=int, default=None)
-    ap.add_argument("--sparsity", type=float, default=None)
-    ap.add_argument("--steps", type=int, required=True)
-    ap.add_argument("--batch-size", type=int, default=4096)
-    ap.add_argument("--buffer-size", type=int, default=1 << 18)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--checkpoint-dir", default=None)
-    ap.add_argument("--checkpoint-every", type=int, default=500)
-    ap.add_argument("--out", required=True, help="folder to save the trained SAE (rank 0)")
-    return ap.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from tl_mdl.activations.shards import ShardedActivations
-    from tl_mdl.sae import SAEConfig
-    from tl_mdl.training.trainer import train_sae
-
-    args = _parse(argv)
-    with process_group():
-        acts = ShardedActivations(
-            args.shards, batch_size=args.batch_size, buffer_size=args.buffer_size,
-            seed=args.seed,
-        )
-        cfg = SAEConfig(d_in=acts.d_in, d_sae=args.d_sae, activation=args.activation, k=args.k)
-        sae = train_sae(
-            acts, cfg, args.objective, sparsity=args.sparsity, steps=args.steps,
-            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-            progress=is_main_process(),
-        )
-        if is_main_process():
-            sae.save(args.out)
-            print(f"saved {sae} to {args.out} (world size {world_size()})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
