@@ -24,10 +24,12 @@ demos: demo
 	MPLBACKEND=Agg $(PY) demos/bilinear_mnist.py
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	MPLBACKEND=Agg $(PY) -m pytest tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tl_mdl tests demos benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
