@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tl_mdl.mdl import description_length
-from tl_mdl.mdl.description_length import _chunk_rows, _KeyCounter
+from tl_mdl.mdl.description_length import _chunk_rows
+from tl_mdl.mdl.evaluator import _KeyCounter
 from tl_mdl.sae import SAE, SAEConfig
 
 

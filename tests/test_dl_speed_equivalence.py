@@ -179,7 +179,7 @@ def test_signed_latents_and_row_blocks_match_brute_force(monkeypatch, dtype, max
 
     from tl_mdl.sae.model import ACTIVATIONS, register_activation
 
-    dl = importlib.import_module("tl_mdl.mdl.description_length")
+    dl = importlib.import_module("tl_mdl.mdl.evaluator")
 
     monkeypatch.setattr(dl, "_BLOCK_ELEMENTS", 64 * 37)  # 37 rows per block
     if "test_linear" not in ACTIVATIONS:
@@ -252,7 +252,7 @@ def test_threaded_block_extraction_gives_the_same_report(monkeypatch):
     pool; the report is identical to the single-threaded one."""
     import importlib
 
-    dl = importlib.import_module("tl_mdl.mdl.description_length")
+    dl = importlib.import_module("tl_mdl.mdl.evaluator")
     monkeypatch.setattr(dl, "_BLOCK_ELEMENTS", 64 * 50)  # many blocks
     sae = _sae("relu", seed=4)
     x = _acts(sae, 1200, seed=8)
