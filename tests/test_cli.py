@@ -80,7 +80,7 @@ def assert_user_error(result, *words):
         assert w in err, (w, err)
 
 
-# ------------------------------------------------------------------------------------ help
+# ---------------------------------------------------------------------------------------- help
 
 
 @pytest.mark.parametrize(
@@ -106,7 +106,38 @@ def test_no_command_prints_help():
     assert "score" in r.output and "decompose" in r.output
 
 
-# ----------------------------------------------------------------------------------- score
+# -------------------------------------------------------------------- --device (every command)
+
+
+def test_check_device():
+    cli._check_device("cpu")
+    with pytest.raises(ValueError, match="'foo' is not a torch device"):
+        cli._check_device("foo")
+
+
+def test_check_device_cuda_unavailable(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="use --device cpu"):
+        cli._check_device("cuda")
+
+
+@pytest.mark.parametrize("command", ["score", "train", "decompose"])
+def test_bad_device_is_a_user_error(files, tmp_path, command):
+    args = {
+        "score": ["score", files["sae"], files["acts"]],
+        "train": ["train", files["acts"], "--out", tmp_path / "t", "--width", "8"],
+        "decompose": ["decompose", files["model"], "--layer", "0"],
+    }[command]
+    assert_user_error(run(*args, "--device", "foo"), "--device 'foo'", "not a torch device")
+
+
+def test_cuda_device_without_cuda_is_a_user_error(files, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = run("score", files["sae"], files["acts"], "--device", "cuda")
+    assert_user_error(r, "--device 'cuda'", "--device cpu")
+
+
+# --------------------------------------------------------------------------------------- score
 
 
 def test_score_table_json_and_feature_csv(files):
@@ -162,7 +193,7 @@ def test_score_user_errors(files, tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.output
 
 
-# ----------------------------------------------------------------------------------- train
+# --------------------------------------------------------------------------------------- train
 
 
 def test_train_saves_a_loadable_sae(files, tmp_path):
@@ -222,7 +253,7 @@ def test_train_user_errors(files, tmp_path):
     )
 
 
-# ----------------------------------------------------------------------------------- sweep
+# --------------------------------------------------------------------------------------- sweep
 
 
 def test_sweep_writes_csv_and_selects(files, tmp_path):
@@ -273,7 +304,36 @@ def test_sweep_user_errors(files, tmp_path):
     assert_user_error(run(*base, "--tolerance", "0"), "tolerance")
 
 
-# ------------------------------------------------------------------------------- decompose
+@pytest.mark.parametrize("lam", ["-0.1", "nan", "inf"])
+@pytest.mark.parametrize("objective", ["mdl", "l1"])
+def test_sweep_rejects_bad_lambda(files, tmp_path, objective, lam):
+    r = run(
+        "sweep", files["acts"], "--out", tmp_path / "s", "--objective", objective,
+        "--sparsities", f"0.1,{lam}", "--widths", "8", "--steps", "1", "--no-progress",
+    )  # fmt: skip
+    assert_user_error(r, "--sparsities", ">= 0")
+    assert not (tmp_path / "s").exists()
+
+
+def test_sweep_rejects_non_positive_k(files, tmp_path):
+    r = run(
+        "sweep", files["acts"], "--out", tmp_path / "s", "--objective", "topk",
+        "--sparsities", "2,0", "--widths", "8", "--steps", "1", "--no-progress",
+    )  # fmt: skip
+    assert_user_error(r, "--sparsities", "> 0")
+
+
+def test_sweep_no_pick_names_fvu_threshold(files, tmp_path):
+    r = run(
+        "sweep", files["acts"], "--out", tmp_path / "s", "--objective", "topk",
+        "--sparsities", "2", "--widths", "8", "--steps", "2", "--fvu-threshold", "1e-6",
+        "--no-progress",
+    )  # fmt: skip
+    assert_user_error(r, "--fvu-threshold 1e-06", "--epochs", "--widths")
+    assert "raise the tolerance" not in r.stderr
+
+
+# ----------------------------------------------------------------------------------- decompose
 
 
 def test_decompose_unembed_matches_the_layer(files, tmp_path):
@@ -353,7 +413,17 @@ def test_decompose_user_errors(files, tmp_path):
     )
 
 
-# ------------------------------------------------------------------------------------ demo
+def test_decompose_svd_refuses_index(files):
+    assert_user_error(run("decompose", files["model"], "--layer", "1", "--directions", "svd",
+                          "--index", "3"), "--index", "drop --index")
+
+
+def test_decompose_on_a_corrupt_config_is_a_user_error(files, tmp_path):
+    path = edit_model_cfg(files["model"], tmp_path / "m", lambda c: "text")
+    assert_user_error(run("decompose", path, "--layer", "0"), "not a valid model config")
+
+
+# ---------------------------------------------------------------------------------------- demo
 
 
 def test_demo_passes_arguments_through(tmp_path):
@@ -382,7 +452,29 @@ def test_demo_errors(tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.output
 
 
-# ------------------------------------------------------------------------------ subprocess
+def _opt(args, name):
+    return args[args.index(name) + 1]
+
+
+def test_mnist_quick_trains_longer_with_a_reachable_threshold():
+    args = QUICK_ARGS[Demo.mnist]
+    assert int(_opt(args, "--epochs")) >= 5
+    assert float(_opt(args, "--fvu-threshold")) >= 0.5
+    assert _opt(args, "--out") == "out/mnist_mdl_quick"
+
+
+def test_lm_quick_has_its_own_out_folder():
+    args = QUICK_ARGS[Demo.lm]
+    assert "--quick" in args
+    assert _opt(args, "--out") == "out/lm_study_quick"
+
+
+def test_every_quick_run_has_its_own_out_folder():
+    outs = [_opt(a, "--out") for a in QUICK_ARGS.values()]
+    assert all(o.endswith("_quick") for o in outs) and len(set(outs)) == len(outs)
+
+
+# ---------------------------------------------------------------------------------- subprocess
 
 
 def test_subprocess_score_json_and_error(files):
@@ -411,100 +503,3 @@ def test_subprocess_score_json_and_error(files):
     assert bad.returncode == 2
     assert bad_err.strip().startswith("error: ") and "\n" not in bad_err.strip(), bad_err
     assert "d_in=8" in bad_err and "Traceback" not in bad_err and bad_out == ""
-
-
-def test_decompose_svd_refuses_index(files):
-    assert_user_error(run("decompose", files["model"], "--layer", "1", "--directions", "svd",
-                          "--index", "3"), "--index", "drop --index")
-
-
-# ---------------------------------------------------------------------- demo --quick arguments
-def _opt(args, name):
-    return args[args.index(name) + 1]
-
-
-def test_mnist_quick_trains_longer_with_a_reachable_threshold():
-    args = QUICK_ARGS[Demo.mnist]
-    assert int(_opt(args, "--epochs")) >= 5
-    assert float(_opt(args, "--fvu-threshold")) >= 0.5
-    assert _opt(args, "--out") == "out/mnist_mdl_quick"
-
-
-def test_lm_quick_has_its_own_out_folder():
-    args = QUICK_ARGS[Demo.lm]
-    assert "--quick" in args
-    assert _opt(args, "--out") == "out/lm_study_quick"
-
-
-def test_every_quick_run_has_its_own_out_folder():
-    outs = [_opt(a, "--out") for a in QUICK_ARGS.values()]
-    assert all(o.endswith("_quick") for o in outs) and len(set(outs)) == len(outs)
-
-
-
-# ------------------------------------------------------------------------------------ --device
-def test_check_device():
-    cli._check_device("cpu")
-    with pytest.raises(ValueError, match="'foo' is not a torch device"):
-        cli._check_device("foo")
-
-
-def test_check_device_cuda_unavailable(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="use --device cpu"):
-        cli._check_device("cuda")
-
-
-@pytest.mark.parametrize("command", ["score", "train", "decompose"])
-def test_bad_device_is_a_user_error(files, tmp_path, command):
-    args = {
-        "score": ["score", files["sae"], files["acts"]],
-        "train": ["train", files["acts"], "--out", tmp_path / "t", "--width", "8"],
-        "decompose": ["decompose", files["model"], "--layer", "0"],
-    }[command]
-    assert_user_error(run(*args, "--device", "foo"), "--device 'foo'", "not a torch device")
-
-
-def test_cuda_device_without_cuda_is_a_user_error(files, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    r = run("score", files["sae"], files["acts"], "--device", "cuda")
-    assert_user_error(r, "--device 'cuda'", "--device cpu")
-
-
-
-# ------------------------------------------------------- sweep: --sparsities and the selection
-@pytest.mark.parametrize("lam", ["-0.1", "nan", "inf"])
-@pytest.mark.parametrize("objective", ["mdl", "l1"])
-def test_sweep_rejects_bad_lambda(files, tmp_path, objective, lam):
-    r = run(
-        "sweep", files["acts"], "--out", tmp_path / "s", "--objective", objective,
-        "--sparsities", f"0.1,{lam}", "--widths", "8", "--steps", "1", "--no-progress",
-    )  # fmt: skip
-    assert_user_error(r, "--sparsities", ">= 0")
-    assert not (tmp_path / "s").exists()
-
-
-def test_sweep_rejects_non_positive_k(files, tmp_path):
-    r = run(
-        "sweep", files["acts"], "--out", tmp_path / "s", "--objective", "topk",
-        "--sparsities", "2,0", "--widths", "8", "--steps", "1", "--no-progress",
-    )  # fmt: skip
-    assert_user_error(r, "--sparsities", "> 0")
-
-
-def test_sweep_no_pick_names_fvu_threshold(files, tmp_path):
-    r = run(
-        "sweep", files["acts"], "--out", tmp_path / "s", "--objective", "topk",
-        "--sparsities", "2", "--widths", "8", "--steps", "2", "--fvu-threshold", "1e-6",
-        "--no-progress",
-    )  # fmt: skip
-    assert_user_error(r, "--fvu-threshold 1e-06", "--epochs", "--widths")
-    assert "raise the tolerance" not in r.stderr
-
-
-
-# ---------------------------------------------------------------------- decompose: model files
-def test_decompose_on_a_corrupt_config_is_a_user_error(files, tmp_path):
-    path = edit_model_cfg(files["model"], tmp_path / "m", lambda c: "text")
-    assert_user_error(run("decompose", path, "--layer", "0"), "not a valid model config")
-
