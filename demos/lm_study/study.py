@@ -1,4 +1,5 @@
-"""``main``: the stages in order, each skipped when its artefacts are found."""
+"""``main``: the stages in order (data, LM and bilinear conversion, SAEs, evaluate, eigen),
+each skipped when its artefacts are found; then ``summary.json`` and ``report.md``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer
@@ -24,8 +27,24 @@ from tl_mdl import SAE, BilinearMLP, evaluate
 from tl_mdl.models import load_model
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+@dataclass
+class Data:
+    """The token stream and its windows of ``n_ctx`` tokens: ``train`` (LM, anneal, SAE
+    harvest), ``eval`` (SAE scoring, evaluate, truncation) and ``loss`` (LM / bilinear loss),
+    the last two from the held-out tail ``held``."""
+
+    stream: torch.Tensor
+    tok: Any
+    source: str
+    train: torch.Tensor
+    held: torch.Tensor
+    eval: torch.Tensor
+    loss: torch.Tensor
+    d_vocab: int
+
+
+def open_out(args) -> Path:
+    """The output folder, checked against the settings of the run that is already there."""
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
@@ -43,14 +62,10 @@ def main(argv=None) -> dict:
             raise SystemExit(f"{out} holds a run with other settings {diff}; "
                              "use another --out or --fresh")
     cfg_path.write_text(json.dumps(key_cfg, indent=2))
-    st = Stages(out)
+    return out
 
-    # ---- data + model
-    pretrained = None
-    if args.model:
-        pretrained = HookedTransformer.from_pretrained(args.model)
-        pretrained.eval()
-        args.n_ctx = min(args.n_ctx, pretrained.cfg.n_ctx)
+
+def data_stage(args, out: Path, st: Stages, pretrained) -> Data:
     with st.stage("tokens", (out / "tokens.safetensors").is_file()):
         stream, tok, source = prepare_tokens(args, out, pretrained)
         all_w = corpus.windows(stream, args.n_ctx)
@@ -59,13 +74,17 @@ def main(argv=None) -> dict:
             raise SystemExit(f"only {all_w.shape[0]} windows of {args.n_ctx} tokens; need "
                              f"more text or a smaller --eval-windows")
         train_w, held_w = all_w[:-n_held], all_w[-n_held:]
-        eval_w = held_w[: args.eval_windows]  # SAE scoring, evaluate, truncation
-        loss_w = held_w[args.eval_windows :][: 2 * args.eval_windows]  # LM / bilinear loss
+        eval_w = held_w[: args.eval_windows]
+        loss_w = held_w[args.eval_windows :][: 2 * args.eval_windows]
         d_vocab = pretrained.cfg.d_vocab if pretrained is not None else tok.get_vocab_size()
         print(f"   {stream.numel():,} tokens from {source}, vocab {d_vocab}; "
               f"{train_w.shape[0]} train / {held_w.shape[0]} held-out windows of {args.n_ctx}")
-    decode = decode_fn(tok)
+    return Data(stream, tok, source, train_w, held_w, eval_w, loss_w, d_vocab)
 
+
+def model_stages(args, out: Path, st: Stages, data: Data, pretrained):
+    """The model to study (bilinear when the LM has gated MLPs), the conversion's numbers
+    (None when skipped) and a note saying why it was skipped."""
     bil_info: dict | None = None
     bil_note = ""
     if pretrained is None:
@@ -73,8 +92,8 @@ def main(argv=None) -> dict:
             if (out / "model_silu" / "model.safetensors").is_file():
                 silu = load_model(out / "model_silu")
             else:
-                silu = train_lm(args, out, train_w, loss_w, d_vocab)
-            print(f"   SiLU LM held-out loss {lm_loss(silu, loss_w):.4f} nats/token")
+                silu = train_lm(args, out, data.train, data.loss, data.d_vocab)
+            print(f"   SiLU LM held-out loss {lm_loss(silu, data.loss):.4f} nats/token")
     else:
         silu = pretrained
     gated = bool(getattr(silu.cfg, "gated_mlp", False))
@@ -84,7 +103,7 @@ def main(argv=None) -> dict:
                 bil_info = json.loads((out / "bilinear.json").read_text())
                 model = load_model(out / "model_bilinear")
             else:
-                bil_info = convert_bilinear(args, out, silu, train_w, loss_w)
+                bil_info = convert_bilinear(args, out, silu, data.train, data.loss)
                 model = load_model(out / "model_bilinear")
             print(f"   loss SiLU {bil_info['loss_silu']:.4f} → bilinear "
                   f"{bil_info['loss_bilinear']:.4f} ({bil_info['delta_nats']:+.4f} nats, "
@@ -96,16 +115,16 @@ def main(argv=None) -> dict:
         bil_note = (f"{args.model} has a non-gated MLP (act {silu.cfg.act_fn}); "
                     "anneal_to_bilinear needs a GatedMLP, so stages 2 and 5 are skipped.")
         print("   " + bil_note)
-    del silu
-    plot_training(out)
-    layer = args.layer if args.layer is not None else model.cfg.n_layers - 1
-    hooks = study_hooks(model, layer)
+    return model, bil_info, bil_note
 
-    # ---- SAEs
+
+def sae_stages(args, out: Path, st: Stages, model, hooks: dict[str, str], data: Data):
+    """Harvest, sweep and select per hook: the chosen SAEs, one selection row per hook and
+    the held-out activations."""
     sweeps_done = all((out / "saes" / k / "selection.json").is_file() for k in hooks)
     with st.stage("harvest", (out / "activations" / "eval").is_dir()):
-        acts, eval_acts = harvest(args, out, model, hooks, train_w[: args.harvest_windows],
-                                  eval_w)
+        acts, eval_acts = harvest(args, out, model, hooks, data.train[: args.harvest_windows],
+                                  data.eval)
         print(f"   {next(iter(acts.values())).shape[0]:,} train / "
               f"{next(iter(eval_acts.values())).shape[0]:,} held-out activations per hook")
     all_rows: dict[str, list] = {}
@@ -129,7 +148,11 @@ def main(argv=None) -> dict:
         print(f"   {r['key']:>7}: F={r['width']:<5} k={r['k']:<3} DL {r['bits_per_input']:8.1f}"
               f" bits/token  raw {r['raw_bits']:8.1f}  naive {r['naive_bits']:8.1f}  "
               f"FVU_q {r['fvu_quantized']:.3f}")
+    return saes, selection, eval_acts
 
+
+def evaluate_stage(args, out: Path, st: Stages, model, hooks: dict[str, str],
+                   saes: dict[str, SAE], selection: list[dict], eval_w) -> list[dict]:
     eval_path = out / "evaluate.json"
     ev_key = stage_key(args, selection, ("kl_tolerance",))
     ev_done = stage_done(out, "evaluate", ev_key, [eval_path])
@@ -147,29 +170,55 @@ def main(argv=None) -> dict:
         print(f"   {r['key']:>7}: CE recovered {r['ce_loss_recovered']:.3f}, KL "
               f"{r['kl_clean_spliced']:.4f}, L0 {r['l0']:.1f}, dead {r['dead_fraction']:.2f}, "
               f"DL(KL) {r['dl_bits_per_token']:.1f} bits/token")
+    return ev_rows
 
-    eig_info = None
-    if isinstance(model.blocks[layer].mlp, BilinearMLP):
-        eig_key = stage_key(args, selection, ("n_out_features", "n_pairs", "truncation_ks"))
-        eig_done = stage_done(out, "eigen", eig_key,
-                              [out / "truncation.json", out / "interactions.csv"])
-        with st.stage("eigen", eig_done):
-            if eig_done:
-                eig_info = json.loads((out / "truncation.json").read_text())
-            else:
-                eig_info = eigen_study(args, out, model, layer, saes, eval_acts, eval_w,
-                                       decode)
-                mark_done(out, "eigen", eig_key)
-            print("   truncation: " + ", ".join(
-                f"k={k}: {lo:.3f}" for k, lo in zip(eig_info["ks"], eig_info["loss"],
-                                                    strict=True))
-                  + f" (full {eig_info['base_loss']:.3f})")
+
+def eigen_stage(args, out: Path, st: Stages, model, layer: int, saes: dict[str, SAE],
+                selection: list[dict], eval_acts, data: Data) -> dict | None:
+    if not isinstance(model.blocks[layer].mlp, BilinearMLP):
+        return None
+    eig_key = stage_key(args, selection, ("n_out_features", "n_pairs", "truncation_ks"))
+    eig_done = stage_done(out, "eigen", eig_key,
+                          [out / "truncation.json", out / "interactions.csv"])
+    with st.stage("eigen", eig_done):
+        if eig_done:
+            eig_info = json.loads((out / "truncation.json").read_text())
+        else:
+            eig_info = eigen_study(args, out, model, layer, saes, eval_acts, data.eval,
+                                   decode_fn(data.tok))
+            mark_done(out, "eigen", eig_key)
+        print("   truncation: " + ", ".join(
+            f"k={k}: {lo:.3f}" for k, lo in zip(eig_info["ks"], eig_info["loss"],
+                                                strict=True))
+              + f" (full {eig_info['base_loss']:.3f})")
+    return eig_info
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = open_out(args)
+    st = Stages(out)
+    pretrained = None
+    if args.model:
+        pretrained = HookedTransformer.from_pretrained(args.model)
+        pretrained.eval()
+        args.n_ctx = min(args.n_ctx, pretrained.cfg.n_ctx)
+    data = data_stage(args, out, st, pretrained)
+    model, bil_info, bil_note = model_stages(args, out, st, data, pretrained)
+    del pretrained
+    plot_training(out)
+    layer = args.layer if args.layer is not None else model.cfg.n_layers - 1
+    hooks = study_hooks(model, layer)
+    saes, selection, eval_acts = sae_stages(args, out, st, model, hooks, data)
+    ev_rows = evaluate_stage(args, out, st, model, hooks, saes, selection, data.eval)
+    eig_info = eigen_stage(args, out, st, model, layer, saes, selection, eval_acts, data)
 
     summary = {
         "model_name": args.model or (f"a {model.cfg.n_layers}-layer d_model={model.cfg.d_model}"
                                      f" bilinear LM"),
-        "source": source, "n_tokens": int(stream.numel()), "n_ctx": args.n_ctx,
-        "n_train_windows": int(train_w.shape[0]), "n_held_windows": int(held_w.shape[0]),
+        "source": data.source, "n_tokens": int(data.stream.numel()), "n_ctx": args.n_ctx,
+        "n_train_windows": int(data.train.shape[0]),
+        "n_held_windows": int(data.held.shape[0]),
         "layer": layer, "command": "python demos/lm_study.py " + " ".join(
             sys.argv[1:] if argv is None else [str(a) for a in argv]),
         "bilinear": bil_info, "bilinear_note": bil_note, "widths": args.widths, "ks": args.ks,
