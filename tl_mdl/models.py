@@ -1,4 +1,4 @@
-"""Save and load small ``HookedTransformer``s (including bilinear ones) without pickle.
+"""Save and load small TL 3.9 ``HookedTransformer``s (including bilinear ones) without pickle.
 
 A model folder holds ``model_cfg.json`` (the ``HookedTransformerConfig`` fields plus
 ``"bilinear_layers"``: which blocks carry a :class:`~tl_mdl.bilinear.BilinearMLP`) and
@@ -15,16 +15,16 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_mdl._io import atomic_write, usable_device
+from tl_mdl._tl import hooked_transformer, hooked_transformer_config, is_bridge
 from tl_mdl.bilinear import BilinearMLP, to_bilinear
 
 MODEL_CFG = "model_cfg.json"
 MODEL_WEIGHTS = "model.safetensors"
 
 
-def _jsonable_cfg(cfg: HookedTransformerConfig) -> dict[str, Any]:
+def _jsonable_cfg(cfg: Any) -> dict[str, Any]:
     out = {}
     for k, v in cfg.to_dict().items():
         if isinstance(v, torch.dtype):
@@ -37,8 +37,15 @@ def _jsonable_cfg(cfg: HookedTransformerConfig) -> dict[str, Any]:
     return out
 
 
-def save_model(model: HookedTransformer, path: str | os.PathLike) -> Path:
-    """Write ``model`` to folder ``path`` (atomically per file)."""
+def save_model(model: Any, path: str | os.PathLike) -> Path:
+    """Write ``model`` (a TL 3.9 ``HookedTransformer``) to folder ``path`` (atomically per
+    file)."""
+    if is_bridge(model):
+        raise TypeError(
+            "save_model writes HookedTransformers (config + weights); a TransformerBridge "
+            "wraps a Hugging Face model: save that with model.original_model.save_pretrained"
+            "(path)"
+        )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = _jsonable_cfg(model.cfg)
@@ -51,7 +58,7 @@ def save_model(model: HookedTransformer, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(path: str | os.PathLike, *, device: str | None = None) -> HookedTransformer:
+def load_model(path: str | os.PathLike, *, device: str | None = None) -> Any:
     """Inverse of :func:`save_model`."""
     path = Path(path)
     for f in (MODEL_CFG, MODEL_WEIGHTS):
@@ -71,6 +78,7 @@ def load_model(path: str | os.PathLike, *, device: str | None = None) -> HookedT
             f"{type(cfg).__name__}"
         )
     bilinear_layers = cfg.pop("bilinear_layers", [])
+    HookedTransformer, HookedTransformerConfig = hooked_transformer(), hooked_transformer_config()
     try:
         if "dtype" in cfg and isinstance(cfg["dtype"], str):
             cfg["dtype"] = getattr(torch, cfg["dtype"])

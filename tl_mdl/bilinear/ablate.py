@@ -5,35 +5,42 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
-from tl_mdl.bilinear.decompose import Eigen, _out_dirs, eigen_expansion, eigendecompose
-from tl_mdl.bilinear.mlp import BilinearMLP
+from tl_mdl._tl import gated_mlp_parts
+from tl_mdl.bilinear.decompose import Eigen, _out_dirs, _weights, eigen_expansion, eigendecompose
+from tl_mdl.bilinear.swap import _get_mlp
 
 
-def _bilinear_mlp(model: HookedTransformer, layer: int) -> BilinearMLP:
+def _bilinear_mlp(model: Any, layer: int) -> tuple[nn.Module, nn.Module]:
+    """``(mlp, runs)``: block ``layer``'s bilinear MLP as the user names it
+    (``model.blocks[layer].mlp``) and the module that computes it (on a bridge, the module
+    the MLP bridge wraps), whose forward hook sees the MLP's own input and output."""
     n_layers = model.cfg.n_layers
     if not -n_layers <= layer < n_layers:
         raise ValueError(f"layer {layer} out of range for model with n_layers={n_layers}")
-    mlp = model.blocks[layer].mlp
-    if not isinstance(mlp, BilinearMLP):
+    mlp = getattr(model.blocks[layer], "mlp", None)
+    parts = None if mlp is None else gated_mlp_parts(mlp)
+    if parts is None or not (parts.bilinear or parts.act is None):
         raise TypeError(
             f"blocks.{layer}.mlp is a {type(mlp).__name__}, not a BilinearMLP; "
             "convert it first with tl_mdl.to_bilinear(model, layers=[layer])"
         )
-    return mlp
+    runs = _get_mlp(model, layer)
+    assert runs is not None
+    return mlp, runs
 
 
 @dataclass
 class EigenAblation:
     """Handle from :func:`ablate_eigen`: a context manager; ``remove()`` detaches the hook."""
 
-    mlp: BilinearMLP
+    mlp: nn.Module
     out_dirs: Tensor
     eigen: Eigen
     k: int
@@ -52,7 +59,7 @@ class EigenAblation:
 
 
 def ablate_eigen(
-    model: HookedTransformer,
+    model: Any,
     layer: int,
     out_dirs: Float[Tensor, "n d_model"],
     k: int,
@@ -71,16 +78,18 @@ def ablate_eigen(
     pairs per direction (default: computed with the exact top-``k`` mode). Returns a context
     manager; the hook is removed on exit or by ``remove()``.
     """
-    mlp = _bilinear_mlp(model, layer)
+    mlp, runs = _bilinear_mlp(model, layer)
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"k={k!r} must be an int >= 0 (eigenpairs kept per direction)")
-    U = _out_dirs(out_dirs, mlp.cfg.d_model, mlp.W_out.detach())
+    *_, W_out, _, _, b_out = _weights(mlp)
+    d_model = W_out.shape[1]
+    U = _out_dirs(out_dirs, d_model, W_out)
     if U.shape[0] > U.shape[1] or torch.linalg.matrix_rank(U.double()) < U.shape[0]:
         raise ValueError(
             f"out_dirs [{U.shape[0]}, {U.shape[1]}] must have full row rank (linearly independent "
             "rows, n ≤ d_model) to replace the output along each of them; ablate fewer directions"
         )
-    d = mlp.cfg.d_model + 1
+    d = d_model + 1
     if eigen is None:
         eigen = eigendecompose(mlp, U, k=min(max(k, 1), d), dtype=torch.float64)
     if eigen.values.shape[-1] < min(k, d):
@@ -94,7 +103,7 @@ def ablate_eigen(
         )
     U64 = U.double()
     pinv_T = torch.linalg.pinv(U64).T  # [n, d_model]
-    u_bout = U64 @ mlp.b_out.detach().double()
+    u_bout = U64 @ b_out.double()
 
     def hook(module, args, output):
         (x,) = args[:1]
@@ -106,7 +115,7 @@ def ablate_eigen(
         return output + ((y_hat - y) @ pinv_T).to(output.dtype)
 
     handle = EigenAblation(mlp, U, eigen, k)
-    handle._handle = mlp.register_forward_hook(hook)
+    handle._handle = runs.register_forward_hook(hook)
     return handle
 
 
@@ -130,7 +139,7 @@ class TruncationCurve:
 
 @torch.no_grad()
 def _loss_acc(
-    model: HookedTransformer, tokens: Tensor, batch_size: int, labels: Tensor | None
+    model: Any, tokens: Tensor, batch_size: int, labels: Tensor | None
 ) -> tuple[float, float]:
     total_loss, total_correct, count = 0.0, 0.0, 0
     for s in range(0, tokens.shape[0], batch_size):
@@ -149,7 +158,7 @@ def _loss_acc(
 
 
 def truncation_curve(
-    model: HookedTransformer,
+    model: Any,
     tokens: Int[Tensor, "batch pos"],
     layer: int,
     out_dirs: Float[Tensor, "n d_model"],
@@ -163,11 +172,12 @@ def truncation_curve(
     ``ks``. Loss is the mean next-token cross-entropy (or, with ``labels``, the CE of one label
     per sequence read at the last position); accuracy is top-1 over the same targets. The
     top-``max(ks)`` eigenpairs are computed once and shared by every ``k``."""
-    mlp = _bilinear_mlp(model, layer)
+    mlp, _ = _bilinear_mlp(model, layer)
     ks = [int(k) for k in ks]
-    d = mlp.cfg.d_model + 1
+    W_out = _weights(mlp)[2]
+    d = W_out.shape[1] + 1
     kmax = min(max(max(ks), 1), d)
-    U = _out_dirs(out_dirs, mlp.cfg.d_model, mlp.W_out.detach())
+    U = _out_dirs(out_dirs, W_out.shape[1], W_out)
     eigen = eigendecompose(mlp, U, k=kmax, dtype=torch.float64)
     base_loss, base_acc = _loss_acc(model, tokens, batch_size, labels)
     losses, accs = [], []

@@ -31,6 +31,8 @@ from scipy.linalg import lapack
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tl_mdl._tl import gated_mlp_parts
+
 
 class Eigen(NamedTuple):
     """Eigendecomposition of ``Q(u)`` per output direction, sorted by ``|λ|`` descending.
@@ -56,26 +58,33 @@ class OutputSVD(NamedTuple):
 
 
 def _weights(mlp) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    missing = [n for n in ("W_in", "W_gate", "W_out") if getattr(mlp, n, None) is None]
-    if missing:
+    """``(W_in, W_gate, W_out, b_in, b_gate, b_out)`` of a bilinear layer in the
+    biases-inside form ``((x W_gate + b_gate)·(x W_in + b_in)) W_out + b_out``. Any gated MLP
+    (by structure: TL 3.9 ``GatedMLP``, a bridge's gated MLP, :class:`BilinearMLP`) whose gate
+    activation is the identity qualifies; a post-product ``b_in`` (TL 3.9) is folded into
+    ``b_out``. A module with the three weights and no activation is read as bilinear."""
+    parts = gated_mlp_parts(mlp)
+    if parts is None:
+        missing = [n for n in ("W_in", "W_gate", "W_out") if getattr(mlp, n, None) is None]
         raise TypeError(
-            f"{type(mlp).__name__} has no {missing}; the decomposition needs a bilinear layer "
-            "(tl_mdl.BilinearMLP — convert a GatedMLP with tl_mdl.to_bilinear)"
+            f"{type(mlp).__name__} has no {missing or 'gated weights'}; the decomposition "
+            "needs a bilinear layer (tl_mdl.BilinearMLP; convert a gated MLP with "
+            "tl_mdl.to_bilinear or tl_mdl.anneal_to_bilinear)"
         )
-    if type(mlp).__name__ == "GatedMLP":
+    if parts.act is not None and not parts.bilinear:
+        act = getattr(parts.act, "__name__", type(parts.act).__name__)
         raise TypeError(
-            "GatedMLP has an activation on its gate and a post-product bias, so it is not "
-            "bilinear; convert it first with tl_mdl.to_bilinear(model) (exact for identity act)"
+            f"{type(mlp).__name__} is a gated MLP with gate activation {act}, not the "
+            "identity, so it is not bilinear and its eigendecomposition would be wrong; "
+            "convert it first with tl_mdl.to_bilinear(model) (exact only for an identity "
+            "activation) or fine-tune it with tl_mdl.anneal_to_bilinear(model, tokens, steps)"
         )
-    W_in, W_gate, W_out = mlp.W_in.detach(), mlp.W_gate.detach(), mlp.W_out.detach()
-    d_in, h = W_in.shape
-    d_out = W_out.shape[1]
-
-    def bias(name: str, size: int) -> Tensor:
-        b = getattr(mlp, name, None)
-        return W_in.new_zeros(size) if b is None else b.detach()
-
-    return W_in, W_gate, W_out, bias("b_in", h), bias("b_gate", h), bias("b_out", d_out)
+    W_in, W_gate, W_out = parts.W_in.detach(), parts.W_gate.detach(), parts.W_out.detach()
+    b_in, b_gate, b_out = parts.b_in.detach(), parts.b_gate.detach(), parts.b_out.detach()
+    if not parts.bias_inside:  # ((x W_gate)·(x W_in) + b_in) W_out + b_out
+        b_out = b_out + b_in @ W_out
+        b_in = torch.zeros_like(b_in)
+    return W_in, W_gate, W_out, b_in, b_gate, b_out
 
 
 def _basis(in_basis, d_in: int, like: Tensor) -> tuple[Tensor, Tensor]:

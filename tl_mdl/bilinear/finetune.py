@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,10 +15,9 @@ from jaxtyping import Int
 from safetensors.torch import save_model
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
-from transformer_lens.components.mlps.gated_mlp import GatedMLP
 
-from tl_mdl.bilinear.swap import BilinearSwap, _check_layers, to_bilinear
+from tl_mdl._tl import gated_mlp_parts, set_mlp_activation
+from tl_mdl.bilinear.swap import BilinearSwap, _check_layers, _get_mlp, to_bilinear
 
 
 class SwishBeta:
@@ -50,7 +50,7 @@ def beta_schedule(step: int, steps: int, beta_start: float, anneal_frac: float) 
 
 
 def anneal_to_bilinear(
-    model: HookedTransformer,
+    model: Any,
     tokens: Int[Tensor, "n_seq pos"],
     steps: int,
     *,
@@ -66,7 +66,8 @@ def anneal_to_bilinear(
     seed: int = 0,
     progress: bool = True,
 ) -> AnnealResult:
-    """Fine-tune ``model`` in place while annealing each chosen GatedMLP's gate activation
+    """Fine-tune ``model`` (a TL 3.9 ``HookedTransformer`` or a ``TransformerBridge``) in place
+    while annealing each chosen gated MLP's gate activation
     from ``Swish_β`` (``β = beta_start``, SiLU at 1) to ``Swish_0(x) = x/2``, then swap in exact
     :class:`BilinearMLP` copies (the ½ folded into ``W_gate``; see :func:`to_bilinear`).
 
@@ -79,11 +80,12 @@ def anneal_to_bilinear(
     """
     layer_ids = _check_layers(model, layers)
     for layer in layer_ids:
-        mlp = model.blocks[layer].mlp
-        if not isinstance(mlp, GatedMLP):
+        mlp = _get_mlp(model, layer)
+        if mlp is None or gated_mlp_parts(model.blocks[layer].mlp) is None:
             raise TypeError(
                 f"blocks.{layer}.mlp is a {type(mlp).__name__}; anneal_to_bilinear needs a "
-                "GatedMLP (cfg.gated_mlp=True); for a plain MLP use to_bilinear(init='random')"
+                "gated MLP (GatedMLP, cfg.gated_mlp=True, or a bridge's gated MLP); for a "
+                "plain MLP use to_bilinear(init='random')"
             )
     if steps < 1:
         raise ValueError(f"steps={steps}: need at least one step to reach β = 0")
@@ -100,9 +102,14 @@ def anneal_to_bilinear(
         for p in teacher.parameters():
             p.requires_grad_(False)
     acts = {layer: SwishBeta(beta_start) for layer in layer_ids}
-    saved_act = {layer: model.blocks[layer].mlp.act_fn for layer in layer_ids}
-    for layer, act in acts.items():
-        model.blocks[layer].mlp.act_fn = act
+    saved_act = {}
+    try:
+        for layer, act in acts.items():
+            saved_act[layer] = set_mlp_activation(_get_mlp(model, layer), act)
+    except BaseException:
+        for layer, act_fn in saved_act.items():
+            set_mlp_activation(_get_mlp(model, layer), act_fn)
+        raise
 
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     result_history: list[dict] = []
@@ -154,7 +161,7 @@ def anneal_to_bilinear(
     finally:
         model.eval()
         for layer, act_fn in saved_act.items():
-            model.blocks[layer].mlp.act_fn = act_fn
+            set_mlp_activation(_get_mlp(model, layer), act_fn)
     # At β = 0 the gate is x/2: fold the ½ into W_gate of the exact bilinear copy.
     swap = to_bilinear(model, layer_ids, init="copy", _gate_scale=0.5)
     checkpoint(steps, 0.0)

@@ -1,4 +1,5 @@
-"""The bilinear MLP: a TransformerLens ``CanBeUsedAsMLP`` with the activation removed."""
+"""The bilinear MLP: a gated MLP with the activation removed, usable as a TransformerLens
+``HookedTransformer`` block's MLP (TL 3.9) and inside a ``TransformerBridge`` (TL 3.9 and 4)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import math
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens.components.mlps.can_be_used_as_mlp import CanBeUsedAsMLP
-from transformer_lens.hook_points import HookPoint
+
+from tl_mdl._tl import IDENTITY_ACTS, HookPoint, hooked_transformer_config
 
 
-class BilinearMLP(CanBeUsedAsMLP):
+class BilinearMLP(nn.Module):
     """Bilinear (gated, activation-free) MLP with biases on both sides of the product::
 
         pre        = x @ W_gate + b_gate            # hook_pre        [batch pos d_mlp]
@@ -26,9 +27,16 @@ class BilinearMLP(CanBeUsedAsMLP):
     """
 
     def __init__(self, cfg, *, seed: int | None = None):
-        super().__init__(cfg)
-        d_model, d_mlp, dtype = self.cfg.d_model, self.d_mlp, self.cfg.dtype
-        self.act_fn = _identity
+        super().__init__()
+        if isinstance(cfg, dict):
+            cfg = hooked_transformer_config().unwrap(cfg)
+        if getattr(cfg, "d_mlp", None) is None:
+            raise ValueError("d_mlp must be set to use an MLP")
+        self.cfg = cfg
+        self.d_mlp = cfg.d_mlp
+        d_model, d_mlp = cfg.d_model, self.d_mlp
+        dtype = getattr(cfg, "dtype", None) or torch.float32
+        self.act_fn = IDENTITY_ACTS[0]
         self.hook_mid = None
         self.ln = None
         self.W_in = nn.Parameter(torch.empty(d_model, d_mlp, dtype=dtype))
@@ -58,16 +66,22 @@ class BilinearMLP(CanBeUsedAsMLP):
         self.b_gate.fill_(1.0)
         self.b_out.zero_()
 
+    def use_hook_points(self, points: dict[str, HookPoint]) -> None:
+        """Fire ``points`` (a bridge's own hook points, keyed ``hook_pre``/``hook_pre_linear``/
+        ``hook_post``) instead of this module's, so the bridge's hook names keep working
+        while this layer runs inside it. Kept out of the module tree (no state-dict entry)."""
+        self.__dict__["_outer_hooks"] = dict(points)
+
+    def _hook(self, name: str) -> HookPoint:
+        return self.__dict__.get("_outer_hooks", {}).get(name) or getattr(self, name)
+
     def forward(
-        self, x: Float[Tensor, "batch pos d_model"]
+        self, x: Float[Tensor, "batch pos d_model"], *args: object, **kwargs: object
     ) -> Float[Tensor, "batch pos d_model"]:
+        # extra arguments: what a bridge passes on to the module it wraps (unused here)
         if self.W_in.device != x.device:
             x = x.to(self.W_in.device)
-        pre = self.hook_pre(x @ self.W_gate + self.b_gate)
-        pre_linear = self.hook_pre_linear(x @ self.W_in + self.b_in)
-        post = self.hook_post(pre * pre_linear)
+        pre = self._hook("hook_pre")(x @ self.W_gate + self.b_gate)
+        pre_linear = self._hook("hook_pre_linear")(x @ self.W_in + self.b_in)
+        post = self._hook("hook_post")(pre * pre_linear)
         return post @ self.W_out + self.b_out
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x

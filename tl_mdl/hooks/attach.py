@@ -4,8 +4,11 @@
 in place. It registers one forward hook on it (prepended, outside TransformerLens's hook
 bookkeeping, so ``model.reset_hooks()`` never removes it) and adds six child ``HookPoint``s
 named like SAELens's, so ``f"{hook_name}.hook_sae_acts_post"`` appears in ``model.hook_dict``,
-``run_with_cache`` and ``run_with_hooks``. Detaching removes both and calls ``model.setup()``,
-which gives back the same ``hook_dict`` (same names, same objects) and bitwise-equal logits.
+``run_with_cache`` and ``run_with_hooks``, under the ``hook_name`` given (on a
+``TransformerBridge`` an old-name alias works too). Detaching removes both and rebuilds the
+hook names (``model.setup()``, or a bridge's hook registry), which gives back the same
+``hook_dict`` (same names, same objects) and bitwise-equal logits. Hook names and the shape
+checks live in :mod:`tl_mdl.hooks.names`.
 
 What flows downstream of ``hook_name`` (and what hooks on ``hook_name`` itself see):
 
@@ -27,167 +30,37 @@ per head instead). ``hook_sae_input``/``acts``/``recons`` carry the flattened sh
 
 from __future__ import annotations
 
-import difflib
-import re
-import sys
+import contextlib
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
-from transformer_lens.hook_points import HookPoint
 
 from tl_mdl._sparse import csr_decode, to_csr, topk, topk_decode
+from tl_mdl._tl import HookPoint, add_named_hooks, remove_named_hooks
+from tl_mdl.hooks.names import (  # noqa: F401  (hook helpers' old home: kept importable)
+    HEAD_HOOKS,
+    SAE_HOOK_NAMES,
+    SAE_INNER_HOOKS,
+    SAE_OUTER_HOOKS,
+    SAE_RECONS_HOOKS,
+    check_hook_name,
+    check_sae_fits,
+    expected_hook_shape,
+    flatten_heads,
+    hook_layer,
+    is_sae_lens_sae,
+    sae_param,
+)
 from tl_mdl.sae import SAE
 
 MODES = ("splice", "splice_error", "observe")
-SAE_HOOK_NAMES = (
-    "hook_sae_input",
-    "hook_sae_acts_pre",
-    "hook_sae_acts_post",
-    "hook_sae_recons",
-    "hook_sae_error",
-    "hook_sae_output",
-)
-_INNER = SAE_HOOK_NAMES[:4]  # hook points whose hooks may intervene on the SAE's code
 #: Decode through a gather (``embedding_bag``) instead of a dense GEMM when at most this
 #: fraction of the latents is nonzero.
 SPARSE_DECODE_MAX_DENSITY = 0.05
-
-_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
-
-
-# --------------------------------------------------------------------------- helpers
-def hook_layer(hook_name: str) -> int | None:
-    """Block index of ``blocks.{L}.…`` hook names, ``-1`` for the embedding hooks, ``None``
-    for hooks after the last block (``ln_final``, ``unembed``)."""
-    m = _LAYER_RE.match(hook_name)
-    if m:
-        return int(m.group(1))
-    if hook_name.startswith(("hook_embed", "hook_pos_embed", "hook_tokens")):
-        return -1
-    return None
-
-
-def check_hook_name(model: Any, hook_name: str) -> None:
-    """Raise ``ValueError`` naming close matches when ``hook_name`` is not a model hook point."""
-    if not isinstance(hook_name, str):
-        raise TypeError(
-            f"hook_name must be a str like 'blocks.0.hook_resid_pre', got {hook_name!r}"
-        )
-    if hook_name in model.hook_dict:
-        return
-    if f"{hook_name}.hook_sae_input" in model.hook_dict:  # SAELens' HookedSAEWrapper
-        raise ValueError(
-            f"an SAE was added at {hook_name!r} with SAELens' add_sae, which replaced the "
-            "hook point; remove it first (model.reset_saes()) to attach an SAE with tl_mdl"
-        )
-    names = sorted(model.hook_dict)
-    close = difflib.get_close_matches(hook_name, names, n=5, cutoff=0.6)
-    n_layers = getattr(model.cfg, "n_layers", "?")
-    hint = f"; did you mean {close}?" if close else ""
-    raise ValueError(
-        f"hook {hook_name!r} is not a hook point of this model (n_layers={n_layers}){hint} "
-        f"Valid names are the keys of model.hook_dict, e.g. {names[:6]}"
-    )
-
-
-def expected_hook_shape(model: Any, hook_name: str) -> tuple[int, ...] | None:
-    """Trailing activation dims at ``hook_name`` from the model config (``None`` if unknown)."""
-    cfg = model.cfg
-    last = hook_name.rsplit(".", 1)[-1]
-    n_heads, d_head = cfg.n_heads, cfg.d_head
-    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
-    if last in ("hook_z", "hook_q", "hook_rot_q"):
-        return (n_heads, d_head)
-    if last in ("hook_k", "hook_v", "hook_rot_k"):
-        return (n_kv, d_head)
-    if last == "hook_result":
-        return (n_heads, cfg.d_model)
-    if last in ("hook_pattern", "hook_attn_scores"):
-        return ()
-    if ".mlp." in hook_name and last in ("hook_pre", "hook_post", "hook_pre_linear"):
-        return (cfg.d_mlp,) if cfg.d_mlp else None
-    if last in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
-                "hook_mlp_out", "hook_embed", "hook_pos_embed", "hook_mlp_in"):
-        return (cfg.d_model,)
-    return None
-
-
-#: Hooks whose activations carry a head axis ``[..., n_heads, d]``.
-HEAD_HOOKS = ("hook_z", "hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_result")
-
-
-def flatten_heads(x: Tensor, d_in: int, hook_name: str) -> Tensor:
-    """``[..., d_in]`` unchanged; at a head-indexed hook (:data:`HEAD_HOOKS`),
-    ``[..., n_heads, d_head]`` with ``n_heads·d_head = d_in`` flattened to ``[..., d_in]``
-    (SAELens's hook_z convention). Any other shape raises (never mixes other axes)."""
-    if x.shape[-1] == d_in:
-        return x
-    heads = hook_name.rsplit(".", 1)[-1] in HEAD_HOOKS
-    if heads and x.ndim >= 2 and x.shape[-2] * x.shape[-1] == d_in:
-        return x.flatten(-2)
-    raise ValueError(
-        f"activation at {hook_name!r} has shape {tuple(x.shape)}, which does not fit an SAE "
-        f"with d_in={d_in}: the last dim is {x.shape[-1]}"
-        + (f", the flattened heads {x.shape[-2] * x.shape[-1]}" if heads and x.ndim >= 2
-           else "")
-    )
-
-
-def is_sae_lens_sae(sae: Any) -> bool:
-    mod = sys.modules.get("sae_lens")
-    return mod is not None and isinstance(sae, mod.SAE)
-
-
-def sae_param(sae: Any) -> Tensor:
-    return sae.W_enc
-
-
-def _model_dtype_device(model: Any) -> tuple[torch.dtype, torch.device]:
-    p = next(model.parameters(), None)
-    if p is None:
-        return model.cfg.dtype, torch.device(model.cfg.device or "cpu")
-    return p.dtype, p.device
-
-
-def check_sae_fits(model: Any, hook_name: str, sae: Any) -> None:
-    """Validate SAE type, ``d_in`` against the hook's shape, dtype and device."""
-    if not (isinstance(sae, SAE) or is_sae_lens_sae(sae)):
-        raise TypeError(
-            f"sae must be a tl_mdl.SAE or a sae_lens.SAE, got {type(sae).__name__}"
-        )
-    d_in = sae.cfg.d_in
-    shape = expected_hook_shape(model, hook_name)
-    if shape == ():
-        raise ValueError(
-            f"hook {hook_name!r} carries attention patterns/scores [batch, head, q, k], not "
-            "[..., d_in] activations; attach SAEs to residual, hook_z, mlp or *_out hooks"
-        )
-    if shape is not None:
-        valid = {shape[-1]} | ({shape[-2] * shape[-1]} if len(shape) >= 2 else set())
-        if d_in not in valid:
-            dims = " x ".join(map(str, shape))
-            raise ValueError(
-                f"SAE d_in={d_in} does not fit hook {hook_name!r} with activations [..., {dims}]; "
-                f"valid d_in: {sorted(valid)}"
-                + (" (heads flattened, like SAELens, or one head)" if len(shape) >= 2 else "")
-            )
-    m_dtype, m_device = _model_dtype_device(model)
-    p = sae_param(sae)
-    if p.dtype != m_dtype:
-        raise TypeError(
-            f"SAE dtype {p.dtype} differs from model dtype {m_dtype}; convert one of them, "
-            f"e.g. sae.to({m_dtype})"
-        )
-    if p.device.type != m_device.type or (
-        p.device.index is not None and m_device.index is not None and p.device != m_device
-    ):
-        raise ValueError(
-            f"SAE is on device {p.device} but the model is on {m_device}; move it with "
-            f"sae.to({str(m_device)!r})"
-        )
 
 
 # ------------------------------------------------------------------- sparse decoding
@@ -330,15 +203,35 @@ class _SAELensKernel(_Kernel):
 
     def run(self, x, *, use_hooks=True, need_acts=False, need_recons=True):
         # its hooks fire inside SAELens' own code: any of them may have changed a value
-        self.changed = use_hooks and any(has_hooks(self.hooks[n]) for n in _INNER)
+        self.changed = use_hooks and any(has_hooks(self.hooks[n]) for n in SAE_INNER_HOOKS)
         if use_hooks:
             acts = self.sae.encode(x)
             return acts, (self.sae.decode(acts) if need_recons else None)
-        from sae_lens.saes.sae import _disable_hooks
-
-        with _disable_hooks(self.sae):
+        with _hooks_disabled(self.sae):
             acts = self.sae.encode(x)
             return acts, (self.sae.decode(acts) if need_recons else None)
+
+
+@contextlib.contextmanager
+def _hooks_disabled(sae: Any) -> Iterator[None]:
+    """Run a ``sae_lens.SAE`` with its hook points silent: SAELens's private
+    ``_disable_hooks`` when it has one, else the same by hand (each of its hook points
+    swapped for a hook-free ``HookPoint`` for the duration)."""
+    try:
+        from sae_lens.saes.sae import _disable_hooks
+    except ImportError:
+        _disable_hooks = None
+    if _disable_hooks is not None:
+        with _disable_hooks(sae):
+            yield
+        return
+    saved = {n: m for n, m in sae._modules.items() if isinstance(m, HookPoint)}
+    try:
+        for n in saved:
+            sae._modules[n] = HookPoint()
+        yield
+    finally:
+        sae._modules.update(saved)
 
 
 # ------------------------------------------------------------------------- handle
@@ -364,9 +257,8 @@ class SAEHandle:
         self._saelens = is_sae_lens_sae(sae)
         if self._saelens:
             # SAELens's own hook points stay the ones its encode/decode fire.
-            self.hook_points = {n: getattr(sae, n) for n in _INNER}
-            self.hook_points["hook_sae_error"] = HookPoint()
-            self.hook_points["hook_sae_output"] = HookPoint()
+            self.hook_points = {n: getattr(sae, n) for n in SAE_INNER_HOOKS}
+            self.hook_points.update({n: HookPoint() for n in SAE_OUTER_HOOKS})
             self._saved_names = {n: hp.name for n, hp in self.hook_points.items()}
             self._reshapes = bool(getattr(sae, "hook_z_reshaping_mode", False))
             self._kernel: _Kernel = _SAELensKernel(sae, self.hook_points)
@@ -395,11 +287,13 @@ class SAEHandle:
                     "tl_mdl.from_sae_lens(sae), or detach it first"
                 )
             _SAE_LENS_ATTACHED[self.sae] = self.hook_name
-        for name, point in self.hook_points.items():
-            hp.add_module(name, point)
-        self._torch_handle = hp.register_forward_hook(self._forward_hook, prepend=True)
+        try:  # all or nothing: a failure anywhere leaves the model as it was
+            add_named_hooks(self.model, hp, self.hook_name, self.hook_points)
+            self._torch_handle = hp.register_forward_hook(self._forward_hook, prepend=True)
+        except BaseException:
+            self._undo()
+            raise
         self.attached = True
-        self.model.setup()
         return self
 
     def detach(self) -> None:
@@ -407,19 +301,23 @@ class SAEHandle:
         if not self.attached:
             return
         self.attached = False
+        self._undo()
+
+    def _undo(self) -> None:
+        """Take back every step of :meth:`_attach` (each one only if it was done)."""
         if self._torch_handle is not None:
             self._torch_handle.remove()
             self._torch_handle = None
-        for name in self.hook_points:
-            self._hp._modules.pop(name, None)
-        for name, old in self._saved_names.items():
-            self.hook_points[name].name = old
-        if self._saelens:
-            _SAE_LENS_ATTACHED.pop(self.sae, None)
-        self.latents = None
-        if isinstance(self._kernel, _TlMdlKernel):
-            self._kernel.release()
-        self.model.setup()
+        try:
+            remove_named_hooks(self.model, self._hp, self.hook_name, list(self.hook_points))
+        finally:
+            for name, old in self._saved_names.items():
+                self.hook_points[name].name = old
+            if self._saelens and _SAE_LENS_ATTACHED.get(self.sae) == self.hook_name:
+                _SAE_LENS_ATTACHED.pop(self.sae, None)
+            self.latents = None
+            if isinstance(self._kernel, _TlMdlKernel):
+                self._kernel.release()
 
     def __enter__(self) -> SAEHandle:
         return self
@@ -446,7 +344,7 @@ class SAEHandle:
             return (t if t.shape == x.shape else t.reshape(x.shape)).to(x.dtype)
 
         if self.mode == "observe":
-            tail = any(has_hooks(h[n]) for n in SAE_HOOK_NAMES[3:])
+            tail = any(has_hooks(h[n]) for n in SAE_RECONS_HOOKS)
             acts, recons = self._kernel.run(x_sae, need_acts=True, need_recons=tail)
             if recons is not None:
                 if has_hooks(h["hook_sae_error"]):
@@ -489,9 +387,11 @@ def attach_sae(
     """Attach ``sae`` at ``model``'s hook point ``hook_name``.
 
     Args:
-        model: a TransformerLens ``HookedTransformer`` (or any ``HookedRootModule``).
+        model: a TL 3.9 ``HookedTransformer`` (or any ``HookedRootModule``) or a
+            ``TransformerBridge`` (TL 3.9 or 4).
         hook_name: a key of ``model.hook_dict`` (``blocks.0.hook_resid_pre``,
-            ``blocks.1.attn.hook_z``, ``blocks.0.mlp.hook_post``, …).
+            ``blocks.1.attn.hook_z``, ``blocks.0.mlp.hook_post``, …; on a bridge the old
+            names are aliases of the new ones, and either works).
         sae: a ``tl_mdl.SAE`` or a ``sae_lens.SAE`` with ``d_in`` equal to the hook's last
             dim (or ``n_heads·d_head`` for head-indexed hooks), same dtype and device.
         mode: ``"splice"`` (activation ← ``x̂``), ``"splice_error"`` (``x̂ + error``: output
@@ -500,7 +400,7 @@ def attach_sae(
     Returns:
         An :class:`SAEHandle`: use as ``with attach_sae(...) as h:`` or call ``h.detach()``.
         The SAE's hook points are ``f"{hook_name}.hook_sae_{input,acts_pre,acts_post,recons,
-        error,output}"``.
+        error,output}"`` under the ``hook_name`` given. A failed attach changes nothing.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is unknown; use one of {list(MODES)}")

@@ -52,9 +52,15 @@ try:  # SAELens is optional at import time; the functions below raise if it is m
     from sae_lens.saes.topk_sae import TopK, TopKSAEConfig
 
     HAVE_SAE_LENS = True
-except ImportError:  # pragma: no cover
+except ImportError:  # the optional extra is not installed
     HAVE_SAE_LENS = False
 
+#: What a user without SAELens is told (SAELens pins transformer-lens<4).
+SAE_LENS_MISSING = (
+    "sae_lens is not installed (or not importable with this TransformerLens); SAELens "
+    "interop needs the optional extra: pip install 'tl_mdl[sae-lens]' (SAELens requires "
+    "transformer-lens<4). Everything else in tl_mdl works without it"
+)
 MDL_ARCHITECTURE = "tl_mdl_mdl"
 _RUNTIME_IDENTITY_NORMS = ("none", "expected_average_only_in", "covariance_whitening")
 _SAELENS_META_DROP = ("sae_lens_version", "sae_lens_training_version")
@@ -62,7 +68,7 @@ _SAELENS_META_DROP = ("sae_lens_version", "sae_lens_training_version")
 
 def _need_sae_lens() -> None:
     if not HAVE_SAE_LENS:
-        raise ImportError("sae_lens is not installed; `pip install sae-lens` to use interop")
+        raise ImportError(SAE_LENS_MISSING)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
