@@ -19,7 +19,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tl_mdl._sparse import csr_decode, to_csr
-from tl_mdl.hooks.attach import check_hook_name, check_sae_fits, flatten_heads, hook_layer
+from tl_mdl._tl import is_bridge, named_hooks
+from tl_mdl.hooks.names import check_hook_name, check_sae_fits, flatten_heads, hook_layer
 from tl_mdl.mdl import dequantize, quantize, register_model_loss
 from tl_mdl.mdl.losses import LossFn
 from tl_mdl.sae import SAE
@@ -88,7 +89,9 @@ class SplicedLoss:
         tokens = check_tokens(model, tokens)
         layer = hook_layer(hook_name)
         shortformer = getattr(model.cfg, "positional_embedding_type", "") == "shortformer"
-        self.layer = layer if (layer is not None and layer >= 0 and not shortformer) else None
+        # a bridge runs the wrapped model whole (no start_at_layer): full forwards there
+        resumable = not (shortformer or is_bridge(model))
+        self.layer = layer if (layer is not None and layer >= 0 and resumable) else None
         self.batches: list[_Batch] = []
         dev = sae.W_dec.device
         with torch.no_grad():
@@ -98,13 +101,13 @@ class SplicedLoss:
     def _prepare(self, toks: Tensor) -> _Batch:
         got: dict[str, Tensor] = {}
 
-        def grab(act: Tensor, hook: Any) -> None:
-            got[hook.name] = act
+        def grab(act: Tensor, name: str) -> None:
+            got[name] = act
 
         names = [self.hook_name]
         if self.layer is not None:
             names.append(f"blocks.{self.layer}.hook_resid_pre")
-        with self.model.hooks(fwd_hooks=[(n, grab) for n in names]):
+        with named_hooks(self.model, [(n, grab) for n in names]):
             logits = self.model(toks)
         act = got[self.hook_name]
         x = flatten_heads(act, self.sae.cfg.d_in, self.hook_name).reshape(-1, self.sae.cfg.d_in)

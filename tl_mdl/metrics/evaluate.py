@@ -8,14 +8,15 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from tl_mdl._tl import named_hooks
 from tl_mdl.hooks import attach_sae
-from tl_mdl.hooks.attach import (
+from tl_mdl.hooks.losses import check_tokens
+from tl_mdl.hooks.names import (
     check_hook_name,
     check_sae_fits,
     flatten_heads,
     is_sae_lens_sae,
 )
-from tl_mdl.hooks.losses import check_tokens
 from tl_mdl.metrics.core import (
     ce_loss_recovered,
     dead_fraction,
@@ -90,9 +91,10 @@ def evaluate(
     """Evaluate each SAE at its hook, spliced in alone.
 
     Args:
-        model: a ``HookedTransformer``.
+        model: a TL 3.9 ``HookedTransformer`` or a ``TransformerBridge`` (TL 3.9 or 4).
         saes: an SAE, a list of SAEs (hook from ``cfg.hook_name``), or ``{hook_name: SAE}``;
-            ``tl_mdl.SAE`` or ``sae_lens.SAE``.
+            ``tl_mdl.SAE`` or ``sae_lens.SAE``. Results are keyed by these hook names as
+            given (on a bridge, an old-name alias stays the key).
         tokens: ``[batch, pos]`` token ids with ``pos <= model.cfg.n_ctx``.
         dense_threshold: a latent is *dense* when active on more than this fraction of tokens.
         description_length: also compute the DL (bits per token), precision chosen on the
@@ -124,13 +126,13 @@ def evaluate(
     def zero(act: Tensor, hook: Any) -> Tensor:
         return torch.zeros_like(act)
 
-    def grab(act: Tensor, hook: Any) -> None:
-        got[hook.name] = act
+    def grab(act: Tensor, name: str) -> None:
+        got[name] = act
 
     for i in range(0, tokens.shape[0], batch_size):
         toks = tokens[i : i + batch_size].to(dev)
         got.clear()
-        with model.hooks(fwd_hooks=[(h, grab) for h in hooks]):
+        with named_hooks(model, [(h, grab) for h in hooks]):
             clean = model(toks)
         s, n = _nll_sum(clean, toks)
         ce_clean += s
