@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_mdl._io import atomic_write
+from tl_mdl._tl import named_hooks
 from tl_mdl.activations.buffer import (
     Block,
     ShuffleBuffer,
@@ -36,7 +37,7 @@ from tl_mdl.activations.buffer import (
     in_order_batches,
 )
 from tl_mdl.activations.io import load_activations, save_activations
-from tl_mdl.hooks.attach import check_hook_name, expected_hook_shape, hook_layer
+from tl_mdl.hooks.names import check_hook_name, expected_hook_shape, hook_layer
 
 META_FILENAME = "meta.json"
 
@@ -94,13 +95,14 @@ def harvest_batch(
     stop_at_layer: int | None = None,
 ) -> dict[str, Float[Tensor, "rows d_in"]]:
     """One forward pass (stopped after the last needed block) caching ``hook_names``,
-    each flattened to ``[batch·pos, d_in]``."""
+    each flattened to ``[batch·pos, d_in]``, keyed by the names given (on a bridge an
+    old-name alias stays the key)."""
     got: dict[str, Tensor] = {}
 
-    def save(act: Tensor, hook: Any) -> None:
-        got[hook.name] = _flat(act.detach())
+    def save(act: Tensor, name: str) -> None:
+        got[name] = _flat(act.detach())
 
-    with torch.no_grad(), model.hooks(fwd_hooks=[(h, save) for h in hook_names]):
+    with torch.no_grad(), named_hooks(model, [(h, save) for h in hook_names]):
         model(tokens, stop_at_layer=stop_at_layer, return_type=None)
     missing = [h for h in hook_names if h not in got]
     if missing:

@@ -217,8 +217,9 @@ def to_bilinear(
         old = _get_mlp(model, layer)
         assert old is not None
         swap.originals[layer] = old
+        # a bridge's MLP reads its weights in TL shapes (W_in, W_gate, ...) from what it wraps
         swap.bilinear[layer] = bilinear_from_mlp(
-            old, init, gate_scale=_gate_scale, seed=None if seed is None else seed + layer,
+            model.blocks[layer].mlp, init, gate_scale=_gate_scale, seed=None if seed is None else seed + layer,
             cfg=cfg,
         )
     try:
