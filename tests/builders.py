@@ -7,16 +7,63 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_mdl import SAE, SAEConfig
 
+#: Why a test is skipped on TransformerLens 4 (``make test-tl4``).
+NO_HOOKED_TRANSFORMER = "needs HookedTransformer, which TransformerLens 4 removed (TL 3.9 only)"
+#: Why a test is skipped without the optional ``sae-lens`` extra.
+NO_SAE_LENS = "needs the optional sae-lens extra (SAELens requires transformer-lens<4)"
 
-def tiny_model(act_fn: str = "gelu", gated: bool = False, seed: int = 0,
-               **kw) -> HookedTransformer:
-    """2 layers, d_model 16, 2 heads of 8, d_mlp 32, vocab 50, n_ctx 16; ``kw`` overrides."""
+
+def require_hooked_transformer(module: bool = False) -> tuple[Any, Any]:
+    """``(HookedTransformer, HookedTransformerConfig)``; on TransformerLens 4 the calling test
+    (or, with ``module=True``, the whole test module) is skipped with the reason."""
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:
+        pytest.skip(NO_HOOKED_TRANSFORMER, allow_module_level=module)
+    return HookedTransformer, HookedTransformerConfig
+
+
+class _Missing:
+    """Stands for a TransformerLens class this line lacks: using it skips the test."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        pytest.skip(NO_HOOKED_TRANSFORMER)
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        pytest.skip(NO_HOOKED_TRANSFORMER)
+
+
+def hooked_transformer_classes() -> tuple[Any, Any]:
+    """``(HookedTransformer, HookedTransformerConfig)``; on TransformerLens 4, stand-ins that
+    skip whichever test uses them (the module's other tests still run)."""
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:
+        return _Missing("HookedTransformer"), _Missing("HookedTransformerConfig")
+    return HookedTransformer, HookedTransformerConfig
+
+
+def require_sae_lens() -> Any:
+    """``sae_lens``, or skip the calling test module (the extra is not installed)."""
+    return pytest.importorskip("sae_lens", reason=NO_SAE_LENS)
+
+
+def tiny_model(act_fn: str = "gelu", gated: bool = False, seed: int = 0, **kw) -> Any:
+    """2 layers, d_model 16, 2 heads of 8, d_mlp 32, vocab 50, n_ctx 16; ``kw`` overrides.
+    A TL 3.9 ``HookedTransformer`` (the test is skipped on TransformerLens 4)."""
+    HookedTransformer, HookedTransformerConfig = require_hooked_transformer()
     cfg = dict(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=16,
                act_fn=act_fn, gated_mlp=gated, seed=seed)
     model = HookedTransformer(HookedTransformerConfig(**{**cfg, **kw}))

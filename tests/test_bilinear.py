@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import hooked_transformer_classes
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_mdl.bilinear import (
     BilinearMLP,
@@ -24,6 +24,8 @@ from tl_mdl.bilinear import (
     truncation_curve,
 )
 from tl_mdl.sae import SAE, SAEConfig
+
+HookedTransformer, HookedTransformerConfig = hooked_transformer_classes()
 
 F64 = torch.float64
 

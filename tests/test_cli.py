@@ -12,15 +12,16 @@ import textwrap
 
 import pytest
 import torch
-from builders import edit_model_cfg
+from builders import edit_model_cfg, hooked_transformer_classes
 from safetensors.torch import load_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from typer.testing import CliRunner
 
 import tl_mdl
 from tl_mdl import cli
 from tl_mdl.cli import QUICK_ARGS, Demo, app
 from tl_mdl.models import save_model
+
+HookedTransformer, HookedTransformerConfig = hooked_transformer_classes()
 
 D_IN = 16
 

@@ -7,16 +7,22 @@ import itertools
 
 import pytest
 import torch
-from builders import random_sae
-from sae_lens import SAE as SLSAE
-from sae_lens import HookedSAETransformer, SAETrainer
-from sae_lens.config import SAETrainerConfig
-from sae_lens.registry import get_sae_training_class
-from sae_lens.saes.sae import TrainStepInput
-from transformer_lens import HookedTransformerConfig
+from builders import random_sae, require_sae_lens
 
-from tl_mdl import SAE, attach_sae, from_sae_lens, to_sae_lens
-from tl_mdl.interop.sae_lens import MDL_ARCHITECTURE, MDLTrainingSAE, MDLTrainingSAEConfig
+require_sae_lens()
+from sae_lens import SAE as SLSAE  # noqa: E402
+from sae_lens import HookedSAETransformer, SAETrainer  # noqa: E402
+from sae_lens.config import SAETrainerConfig  # noqa: E402
+from sae_lens.registry import get_sae_training_class  # noqa: E402
+from sae_lens.saes.sae import TrainStepInput  # noqa: E402
+from transformer_lens import HookedTransformerConfig  # noqa: E402
+
+from tl_mdl import SAE, attach_sae, from_sae_lens, to_sae_lens  # noqa: E402
+from tl_mdl.interop.sae_lens import (  # noqa: E402
+    MDL_ARCHITECTURE,
+    MDLTrainingSAE,
+    MDLTrainingSAEConfig,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 

@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from builders import tiny_model
+from builders import hooked_transformer_classes, tiny_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import tl_mdl
 from tl_mdl import (
@@ -36,6 +35,8 @@ from tl_mdl import (
 from tl_mdl.training import register_objective
 from tl_mdl.training.objectives import OBJECTIVES
 from tl_mdl.training.trainer import STATE_TENSORS, load_checkpoint
+
+HookedTransformer, HookedTransformerConfig = hooked_transformer_classes()
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -219,8 +219,8 @@ def to_bilinear(
         swap.originals[layer] = old
         # a bridge's MLP reads its weights in TL shapes (W_in, W_gate, ...) from what it wraps
         swap.bilinear[layer] = bilinear_from_mlp(
-            model.blocks[layer].mlp, init, gate_scale=_gate_scale, seed=None if seed is None else seed + layer,
-            cfg=cfg,
+            model.blocks[layer].mlp, init, gate_scale=_gate_scale,
+            seed=None if seed is None else seed + layer, cfg=cfg,
         )
     try:
         for layer, new in swap.bilinear.items():
