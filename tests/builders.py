@@ -60,6 +60,26 @@ def require_sae_lens() -> Any:
     return pytest.importorskip("sae_lens", reason=NO_SAE_LENS)
 
 
+def f32_tolerance(expected: torch.Tensor, terms: int, scale: float | None = None,
+                  dtype: torch.dtype = torch.float32) -> float:
+    """``terms · eps(dtype) · scale``: how far two evaluations of the same math in different
+    summation orders (other CPU kernels, another library's op order) may differ, where
+    ``terms`` bounds the number of rounding steps a value goes through (e.g. the length of a
+    dot product times the layers it passes) and ``scale`` (default: ``max |expected|``) the
+    magnitudes involved."""
+    if scale is None:
+        scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
+    return terms * torch.finfo(dtype).eps * max(scale, torch.finfo(dtype).tiny)
+
+
+def assert_close_f32(actual: torch.Tensor, expected: torch.Tensor, *, terms: int,
+                     scale: float | None = None) -> None:
+    """``|actual − expected| ≤`` :func:`f32_tolerance` elementwise (no relative part), for
+    float32 results of the same math computed two ways; holds on any x86-64 CPU's kernels."""
+    tol = f32_tolerance(expected, terms, scale)
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=0)
+
+
 def tiny_model(act_fn: str = "gelu", gated: bool = False, seed: int = 0, **kw) -> Any:
     """2 layers, d_model 16, 2 heads of 8, d_mlp 32, vocab 50, n_ctx 16; ``kw`` overrides.
     A TL 3.9 ``HookedTransformer`` (the test is skipped on TransformerLens 4)."""
