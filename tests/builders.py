@@ -60,6 +60,11 @@ def require_sae_lens() -> Any:
     return pytest.importorskip("sae_lens", reason=NO_SAE_LENS)
 
 
+#: Rounding steps bounding the tiny model's float32 logits computed in two op orders: dot
+#: products up to d_mlp = 32 long, a few per layer, 2 layers (see :func:`f32_tolerance`).
+LOGIT_TERMS = 4 * 32
+
+
 def f32_tolerance(expected: torch.Tensor, terms: int, scale: float | None = None,
                   dtype: torch.dtype = torch.float32) -> float:
     """``terms · eps(dtype) · scale``: how far two evaluations of the same math in different
@@ -70,6 +75,12 @@ def f32_tolerance(expected: torch.Tensor, terms: int, scale: float | None = None
     if scale is None:
         scale = float(expected.detach().abs().max()) if expected.numel() else 0.0
     return terms * torch.finfo(dtype).eps * max(scale, torch.finfo(dtype).tiny)
+
+
+def dot_scale(a: torch.Tensor, w: torch.Tensor) -> float:
+    """``max (|a| @ |w|)``: the largest sum of magnitudes a product ``a @ w`` adds up, which
+    bounds its rounding error (``len · eps · dot_scale``) even when terms cancel."""
+    return float((a.detach().abs().double() @ w.detach().abs().double()).max())
 
 
 def assert_close_f32(actual: torch.Tensor, expected: torch.Tensor, *, terms: int,

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from builders import random_sae, require_sae_lens
+from builders import LOGIT_TERMS, assert_close_f32, dot_scale, random_sae, require_sae_lens
 
 require_sae_lens()
 from sae_lens import SAE as SLSAE  # noqa: E402
@@ -72,19 +72,21 @@ def test_same_logits_as_hooked_sae_transformer(model, tokens, hook, d_in, activa
         ours_sl = model(tokens)
     with attach_sae(model, hook, from_sae_lens(sl)):  # converted back
         ours_back = model(tokens)
-    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    assert_close_f32(ours, ref, terms=LOGIT_TERMS)
     assert torch.equal(ours_sl, ref) and torch.equal(ours_back, ours)
     # splice_error and the cached latents match SAELens's use_error_term
     ref_err = sl_logits(model, sl, tokens, use_error_term=True)
     with attach_sae(model, hook, sae, mode="splice_error"):
-        torch.testing.assert_close(model(tokens), ref_err, atol=1e-6, rtol=1e-6)
+        assert_close_f32(model(tokens), ref_err, terms=LOGIT_TERMS)
     model.add_sae(sl)
     _, ref_cache = model.run_with_cache(tokens)
     model.reset_saes()
     with attach_sae(model, hook, sae):
         _, cache = model.run_with_cache(tokens)
     name = f"{hook}.hook_sae_acts_post"
-    torch.testing.assert_close(cache[name], ref_cache[name], atol=1e-6, rtol=1e-6)
+    x = cache[f"{hook}.hook_sae_input"]  # the same input reaches both encoders
+    assert_close_f32(cache[name], ref_cache[name], terms=d_in,
+                     scale=dot_scale(x.reshape(-1, d_in), sae.W_enc) + float(sae.b_enc.abs().max()))
 
 
 @pytest.mark.parametrize("hook,d_in,activation", CASES)
@@ -98,7 +100,9 @@ def test_sae_lens_loads_tl_mdl_save(tmp_path, hook, d_in, activation):
         out = sl.decode(sl.encode(x.unflatten(-1, (2, 8)))).flatten(-2)
     else:
         out = sl.decode(sl.encode(x))
-    torch.testing.assert_close(out, sae(x), atol=1e-6, rtol=1e-6)
+    # encode then decode: two GEMMs of lengths d_in and d_sae, in SAELens's op order
+    assert_close_f32(out, sae(x), terms=d_in + sae.cfg.d_sae,
+                     scale=dot_scale(sae.encode(x), sae.W_dec) + float(sae.b_dec.abs().max()))
 
 
 def _sl_sae(arch: str, d_in=16, d_sae=40, **cfg):
@@ -117,8 +121,11 @@ def test_topk_rescale_by_decoder_norm_is_folded():
     ours = from_sae_lens(sl)
     x = torch.randn(20, 16, generator=torch.Generator().manual_seed(1))
     f_ref = sl.encode(x)
-    torch.testing.assert_close(ours.encode(x), f_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours(x), sl.decode(f_ref), atol=1e-5, rtol=1e-5)
+    # the decoder norms are folded into the encoder: a few more roundings per latent
+    enc_scale = dot_scale(x, ours.W_enc) + float(ours.b_enc.abs().max())
+    assert_close_f32(ours.encode(x), f_ref, terms=4 * 16, scale=enc_scale)
+    assert_close_f32(ours(x), sl.decode(f_ref), terms=4 * (16 + 40),
+                     scale=enc_scale * float(sl.W_dec.abs().max()) * 40)
 
 
 def test_jumprelu_negative_thresholds():
@@ -171,8 +178,9 @@ def test_mdl_training_architecture_in_sae_lens_trainer(tmp_path):
     trained = SAETrainer(trainer_cfg, MDLTrainingSAE(cfg), batches).fit()
     trained.save_inference_model(tmp_path)
     loaded = SAE.load(tmp_path)  # saves as a plain "standard" SAE
-    torch.testing.assert_close(loaded(x), trained.decode(trained.encode(x)), atol=1e-5,
-                               rtol=1e-5)
+    expected = trained.decode(trained.encode(x))
+    assert_close_f32(loaded(x), expected, terms=4 * (loaded.cfg.d_in + loaded.cfg.d_sae),
+                     scale=dot_scale(loaded.encode(x), loaded.W_dec) + float(expected.abs().max()))
     assert type(SLSAE.load_from_disk(tmp_path)).__name__ == "StandardSAE"
     topk = MDLTrainingSAE(MDLTrainingSAEConfig(d_in=8, d_sae=24, k=3))
     assert int((topk.encode(x) != 0).sum(-1).max()) <= 3
@@ -233,7 +241,8 @@ def test_sae_lens_jumprelu_folder_with_negative_thresholds(tmp_path):
     sl.save_model(str(tmp_path))
     x = torch.randn(50, 16, generator=torch.Generator().manual_seed(3))
     ours = SAE.load(tmp_path)
-    torch.testing.assert_close(ours.encode(x), sl.encode(x), atol=1e-6, rtol=1e-6)
+    assert_close_f32(ours.encode(x), sl.encode(x), terms=16,
+                     scale=dot_scale(x, ours.W_enc) + float(ours.b_enc.abs().max()))
     assert bool((ours.encode(x) >= 0).all())
     signed = random_sae(16, "jumprelu")
     with torch.no_grad():

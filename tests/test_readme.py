@@ -3,10 +3,14 @@
 import re
 from pathlib import Path
 
+from builders import require_hooked_transformer, require_sae_lens
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_recipes_run(capsys):
+    require_hooked_transformer()  # the recipes use a HookedTransformer and SAELens
+    require_sae_lens()
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 5
     ns: dict = {}
