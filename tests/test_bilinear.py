@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import hooked_transformer_classes
+from builders import LOGIT_TERMS, assert_close_f32, hooked_transformer_classes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -153,7 +153,9 @@ def test_topk_float32_large_matches_eigh():
     U = torch.randn(5, 40)
     full = eigendecompose(mlp, U)
     top = eigendecompose(mlp, U, k=8, chunk_size=2)
-    torch.testing.assert_close(top.values, full.values[:, :8], rtol=1e-4, atol=1e-4)
+    # two float32 eigensolvers on Q [41, 41]: each eigenvalue within ~d ulps of ‖Q‖
+    assert_close_f32(top.values, full.values[:, :8], terms=4 * 41,
+                     scale=float(full.values.abs().max()))
     overlap = (top.vectors * full.vectors[:, :8]).sum(-1).abs()
     torch.testing.assert_close(overlap, torch.ones_like(overlap), rtol=0, atol=1e-3)
 
@@ -348,7 +350,8 @@ def test_anneal_to_bilinear_is_exact_at_beta_zero(tmp_path):
     result.swap.restore()  # the fine-tuned GatedMLPs with a linear gate x/2 give the same
     for block in model.blocks:
         block.mlp.act_fn = lambda x: 0.5 * x
-    torch.testing.assert_close(model(tokens[:2]), bil_logits, rtol=1e-4, atol=1e-4)
+    # x/2 applied to the gate branch vs ½ folded into W_gate: float32 roundings per layer
+    assert_close_f32(model(tokens[:2]), bil_logits, terms=LOGIT_TERMS)
 
 
 def test_split_tridiagonal_falls_back_to_mrrr():

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from builders import require_hooked_transformer
 
 DEMOS = Path(__file__).resolve().parents[1] / "demos"
 
@@ -46,6 +47,7 @@ def test_mnist_mdl_demo_small(tmp_path):
 
 @pytest.mark.slow
 def test_bilinear_mnist_demo_small(tmp_path):
+    require_hooked_transformer()  # the demo builds HookedTransformers
     out = tmp_path / "bil"
     r = subprocess.run([sys.executable, str(DEMOS / "bilinear_mnist.py"), "--epochs", "1",
                         "--d-mlp", "32", "--out", str(out)], capture_output=True, text=True,

@@ -14,12 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from builders import require_hooked_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_demo():
     """``lm_study.study`` (its ``main``), from the package ``demos/lm_study/``."""
+    require_hooked_transformer()  # the study trains HookedTransformers
     demos = str(ROOT / "demos")
     if demos not in sys.path:
         sys.path.insert(0, demos)
@@ -96,9 +98,9 @@ def test_lm_study_pretrained_path_without_network(tmp_path, monkeypatch):
     (non-gated) model, so the bilinear stages are skipped and the SAE stages still run."""
     import torch
     from safetensors.torch import save_file
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     demo = _load_demo()
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
     cfg = HookedTransformerConfig(n_layers=1, d_model=32, n_heads=2, d_head=16, d_mlp=64,
                                   n_ctx=32, d_vocab=64, act_fn="gelu", seed=0)
 

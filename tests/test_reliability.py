@@ -509,7 +509,6 @@ def test_device_mismatch_is_a_clear_error_without_a_gpu():
     """A device mismatch, exercised with the 'meta' device (no GPU needed): attaching an
     SAE whose weights live elsewhere than the model names both devices and the fix."""
     import pytest
-    from transformer_lens import HookedTransformerConfig
 
     import tl_mdl
 

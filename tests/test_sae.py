@@ -8,7 +8,14 @@ import math
 
 import pytest
 import torch
-from builders import SAE_ACT_IDS, SAE_ACTS, bitwise_equal, float64_inputs, float64_sae
+from builders import (
+    SAE_ACT_IDS,
+    SAE_ACTS,
+    bitwise_equal,
+    float64_inputs,
+    float64_sae,
+    require_sae_lens,
+)
 
 import tl_mdl.sae.model as sae_model
 from tl_mdl.sae import SAE, HierarchicalSAE, HierarchicalSAEConfig, SAEConfig, identity_sae
@@ -213,7 +220,8 @@ def test_set_decoder_norm_to_unit_norm_refuses_topk():
 
 def test_load_sae_lens_topk_with_decoder_norm_rescaling(tmp_path):
     """SAELens TopK ``rescale_acts_by_decoder_norm`` is folded into the weights on load."""
-    from sae_lens import TopKSAE, TopKSAEConfig
+    sae_lens = require_sae_lens()
+    TopKSAE, TopKSAEConfig = sae_lens.TopKSAE, sae_lens.TopKSAEConfig
 
     lens = TopKSAE(TopKSAEConfig(d_in=8, d_sae=16, k=3, rescale_acts_by_decoder_norm=True))
     g = torch.Generator().manual_seed(0)
