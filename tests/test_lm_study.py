@@ -31,6 +31,7 @@ def _load_demo():
 def test_entry_script_runs_the_package():
     """``python demos/lm_study.py`` (the README's and ``tl-mdl demo lm``'s invocation) reaches
     the package's argument parser."""
+    require_hooked_transformer()  # the study's modules import HookedTransformer
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, str(ROOT / "demos" / "lm_study.py"), "--help"],
                        capture_output=True, text=True, env=env, timeout=300)
