@@ -371,3 +371,25 @@ def test_llama_bridge_anneal_journey(toks):
     out.swap.restore()
     hooks, _ = before
     assert_same_hooks(hooks, registry(bridge))  # weights were fine-tuned; hooks are back
+
+
+def test_boot_native_gated_bridge(toks):
+    """TransformerLens's own native model (``boot_native``, no ``transformers`` weights):
+    its gated MLP keeps the activation as ``act``; refused, converted, exact, restored."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = TransformerBridgeConfig(d_model=D_MODEL, d_head=8, n_heads=4, n_layers=2, n_ctx=N_CTX,
+                                  d_vocab=VOCAB, d_mlp=48, act_fn="silu", gated_mlp=True, seed=0)
+    bridge = TransformerBridge.boot_native(cfg)
+    before = _state(bridge, toks)
+    with pytest.raises(TypeError, match="not the identity"):
+        eigendecompose(bridge.blocks[0].mlp, torch.eye(D_MODEL)[:2])
+    with to_bilinear(bridge, layers=[0]) as swap:
+        check_eigen_identity(bridge, 0, toks, swap.bilinear[0].b_out)
+        _, cache = bridge.run_with_cache(toks, names_filter=["blocks.0.mlp.hook_pre"])
+        assert len(cache) >= 1
+    _assert_unchanged(bridge, toks, before)
+    with attach_sae(bridge, "blocks.1.hook_resid_pre", random_sae(D_MODEL), mode="splice_error"):
+        assert torch.equal(bridge(toks), before[1])
+    _assert_unchanged(bridge, toks, before)

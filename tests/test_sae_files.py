@@ -11,7 +11,16 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from builders import SAE_ACT_IDS, SAE_ACTS, bitwise_equal, float64_inputs, float64_sae
+from builders import (
+    SAE_ACT_IDS,
+    SAE_ACTS,
+    assert_close_f32,
+    bitwise_equal,
+    dot_scale,
+    float64_inputs,
+    float64_sae,
+    require_sae_lens,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -50,17 +59,22 @@ def test_save_load_float32_and_dtype_override(tmp_path):
 
 @pytest.mark.parametrize("activation, kw", SAE_ACTS, ids=SAE_ACT_IDS)
 def test_sae_lens_loads_tl_mdl_save(tmp_path, activation, kw):
-    sae_lens = pytest.importorskip("sae_lens")
+    sae_lens = require_sae_lens()
     sae = float64_sae(activation, **kw).to(torch.float32)
     sae.cfg.dtype = "float32"
     folder = sae.save(tmp_path / "sae")
     theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
     x = float64_inputs(n=9).float()
     with torch.no_grad():
-        torch.testing.assert_close(theirs.encode(x), sae.encode(x), rtol=0, atol=1e-6)
-        torch.testing.assert_close(theirs.decode(sae.encode(x)), sae.decode(sae.encode(x)),
-                                   rtol=0, atol=1e-6)
-        torch.testing.assert_close(theirs(x), sae(x), rtol=0, atol=1e-6)
+        # SAELens's op order vs ours: GEMMs of length d_in (encode) and d_sae (decode)
+        f = sae.encode(x)
+        enc = dot_scale(x, sae.W_enc) + float(sae.b_enc.abs().max())
+        dec = dot_scale(f, sae.W_dec) + float(sae.b_dec.abs().max())
+        d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
+        assert_close_f32(theirs.encode(x), f, terms=d_in, scale=enc)
+        assert_close_f32(theirs.decode(f), sae.decode(f), terms=d_sae, scale=dec)
+        assert_close_f32(theirs(x), sae(x), terms=d_in + d_sae,
+                         scale=dec + enc * float(sae.W_dec.abs().max()) * d_sae)
 
 
 def test_save_is_atomic_no_temp_files(tmp_path):
