@@ -1,4 +1,5 @@
-"""File helpers shared by every layer: atomic writes, the device a file was saved on."""
+"""File helpers shared by every layer: atomic writes, the device a file was saved on, an
+error as one line of text."""
 
 from __future__ import annotations
 
@@ -77,3 +78,13 @@ def usable_device(saved: Any, path: Path) -> str | None:
         stacklevel=3,
     )
     return "cpu"
+
+
+def error_message(e: BaseException) -> str:
+    """``e`` as one line for a user: a KeyError's key without quotes, an OSError as
+    ``file: reason``, else ``str(e)`` (or the exception's type when that is empty)."""
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e) or type(e).__name__

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from tl_mdl._io import error_message
+
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
 
@@ -43,14 +45,6 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(EXIT_USER_ERROR)
 
 
-def _message(e: BaseException) -> str:
-    if isinstance(e, KeyError) and e.args:
-        return str(e.args[0])
-    if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        return f"{e.filename}: {e.strerror}"
-    return str(e) or type(e).__name__
-
-
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn the user errors raised by a command into a one-line message and exit code 2."""
 
@@ -59,7 +53,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
-            raise fail(_message(e)) from None
+            raise fail(error_message(e)) from None
 
     return wrapper
 

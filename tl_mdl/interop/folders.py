@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tl_mdl._io import error_message
 from tl_mdl.sae import SAE
 from tl_mdl.sae.config import ACTIVATION_OF_ARCHITECTURE
 from tl_mdl.sae.model import CFG_FILENAME
@@ -60,13 +61,5 @@ def _load_via_sae_lens(path: Path, device: str, cfg: dict[str, Any]) -> SAE:
         raise ValueError(
             f"{path} is a SAELens SAE (architecture={cfg.get('architecture')!r}, "
             f"normalize_activations={cfg.get('normalize_activations', 'none')!r}) that tl_mdl "
-            f"cannot convert: {_one_line(e)}"
+            f"cannot convert: {error_message(e)}"
         ) from e
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, KeyError) and e.args:
-        return str(e.args[0])
-    if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        return f"{e.filename}: {e.strerror}"
-    return str(e) or type(e).__name__
