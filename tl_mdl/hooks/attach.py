@@ -8,7 +8,7 @@ named like SAELens's, so ``f"{hook_name}.hook_sae_acts_post"`` appears in ``mode
 ``TransformerBridge`` an old-name alias works too). Detaching removes both and rebuilds the
 hook names (``model.setup()``, or a bridge's hook registry), which gives back the same
 ``hook_dict`` (same names, same objects) and bitwise-equal logits. Hook names and the shape
-checks live in :mod:`tl_mdl.hooks.names`.
+checks live in :mod:`tl_mdl.hooks.names`, the SAE computation in :mod:`tl_mdl.hooks.kernels`.
 
 What flows downstream of ``hook_name`` (and what hooks on ``hook_name`` itself see):
 
@@ -30,17 +30,22 @@ per head instead). ``hook_sae_input``/``acts``/``recons`` carry the flattened sh
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor, nn
 
-from tl_mdl._sparse import csr_decode, to_csr, topk, topk_decode
 from tl_mdl._tl import HookPoint, add_named_hooks, remove_named_hooks
+from tl_mdl.hooks.kernels import (  # noqa: F401  (decode_maybe_sparse: kept importable here)
+    SPARSE_DECODE_MAX_DENSITY,
+    _fire,
+    _Kernel,
+    _SAELensKernel,
+    _TlMdlKernel,
+    decode_maybe_sparse,
+    has_hooks,
+)
 from tl_mdl.hooks.names import (  # noqa: F401  (hook helpers' old home: kept importable)
     HEAD_HOOKS,
     SAE_HOOK_NAMES,
@@ -55,183 +60,8 @@ from tl_mdl.hooks.names import (  # noqa: F401  (hook helpers' old home: kept im
     is_sae_lens_sae,
     sae_param,
 )
-from tl_mdl.sae import SAE
 
 MODES = ("splice", "splice_error", "observe")
-#: Decode through a gather (``embedding_bag``) instead of a dense GEMM when at most this
-#: fraction of the latents is nonzero.
-SPARSE_DECODE_MAX_DENSITY = 0.05
-
-
-# ------------------------------------------------------------------- sparse decoding
-def decode_maybe_sparse(
-    acts: Float[Tensor, "n d_sae"], W_dec: Tensor, b_dec: Tensor
-) -> Float[Tensor, "n d_in"]:
-    """``acts @ W_dec + b_dec``; when the code is sparse (density ≤
-    :data:`SPARSE_DECODE_MAX_DENSITY`) and no gradient is needed, through a gather of the
-    active decoder rows. Same value up to float summation order."""
-    n, f = acts.shape
-    if (
-        n == 0
-        or (torch.is_grad_enabled() and (acts.requires_grad or W_dec.requires_grad))
-        or acts.device.type != "cpu"
-    ):
-        return torch.addmm(b_dec, acts, W_dec)
-    probe = acts[:: max(1, n // 64)]  # density estimate from ~64 rows, not a full pass
-    if int(torch.count_nonzero(probe)) > SPARSE_DECODE_MAX_DENSITY * probe.numel():
-        return torch.addmm(b_dec, acts, W_dec)
-    cols, values, offsets = to_csr(acts, nonneg=False)
-    return csr_decode(cols, offsets, values, W_dec, b_dec)
-
-
-# ------------------------------------------------------------------------- kernels
-def has_hooks(hp: nn.Module) -> bool:
-    """Whether calling ``hp`` would run any user hook (forward, pre-forward or backward)."""
-    return bool(hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks)
-
-
-def _fire(hp: HookPoint, x: Tensor, use_hooks: bool, seen: list[bool] | None = None) -> Tensor:
-    """``hp(x)`` when it has hooks. With ``seen``, appends whether the hooks may have changed
-    the value: they returned another tensor or wrote into ``x`` (its version counter moved;
-    inference tensors have none, so there any hook counts as a change)."""
-    if not (use_hooks and has_hooks(hp)):
-        return x
-    if seen is None:
-        return hp(x)
-    try:
-        version = x._version
-    except RuntimeError:  # an inference tensor
-        version = None
-    y = hp(x)
-    seen.append(y is not x or version is None or x._version != version)
-    return y
-
-
-class _Kernel:
-    """SAE computation through its hook points: ``run(x) -> (latents | None, recons | None)``.
-    ``latents`` is ``None`` only when it was never materialised (TopK fast path). After a
-    run, ``changed`` tells whether a hook may have changed a value inside the SAE."""
-
-    def __init__(self, sae: Any, hooks: dict[str, HookPoint]):
-        self.sae, self.hooks = sae, hooks
-        self.changed = False
-
-    def run(
-        self, x: Tensor, *, use_hooks: bool = True, need_acts: bool = False,
-        need_recons: bool = True,
-    ) -> tuple[Tensor | None, Tensor | None]:
-        raise NotImplementedError
-
-
-class _TlMdlKernel(_Kernel):
-    sae: SAE
-    #: pre-activation buffer reused across forwards when nothing outside the kernel can hold
-    #: on to the latents (no hook on them, no gradient, not kept for ``observe``).
-    _buf: Tensor | None = None
-
-    def _scratch(self, rows: int, like: Tensor) -> Tensor:
-        shape = (rows, self.sae.cfg.d_sae)
-        b = self._buf
-        if (
-            b is None or b.shape != shape or b.dtype != like.dtype or b.device != like.device
-            or b.is_inference() != torch.is_inference_mode_enabled()
-        ):
-            b = self._buf = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return b
-
-    def release(self) -> None:
-        self._buf = None
-
-    def _encode_pre(self, x: Tensor, reuse: bool = False) -> Tensor:
-        sae = self.sae
-        if type(sae).encode_pre is not SAE.encode_pre or x.dtype != sae.W_enc.dtype:
-            return sae.encode_pre(x)
-        x2 = x.reshape(-1, x.shape[-1])
-        if sae.cfg.apply_b_dec_to_input:
-            x2 = x2 - sae.b_dec
-        # one fused GEMM + bias (same value as SAE.encode_pre)
-        out = self._scratch(x2.shape[0], sae.W_enc) if reuse else None
-        return torch.addmm(sae.b_enc, x2, sae.W_enc, out=out).reshape(*x.shape[:-1], -1)
-
-    def run(self, x, *, use_hooks=True, need_acts=False, need_recons=True):
-        sae, h = self.sae, self.hooks
-        lead = x.shape[:-1]
-        seen: list[bool] = []
-        x = _fire(h["hook_sae_input"], x, use_hooks, seen)
-        pre_seen = use_hooks and has_hooks(h["hook_sae_acts_pre"])  # a hook may keep it
-        pre_grad = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x, sae.W_enc, sae.b_enc, sae.b_dec)
-        )
-        private = not (
-            need_acts or pre_grad or pre_seen
-            or (use_hooks and has_hooks(h["hook_sae_acts_post"]))
-        )
-        pre = _fire(h["hook_sae_acts_pre"], self._encode_pre(x, reuse=private), use_hooks, seen)
-        need_grad = torch.is_grad_enabled() and (pre.requires_grad or sae.W_dec.requires_grad)
-        acts: Tensor | None = None
-        recons: Tensor | None = None
-        if (
-            sae.cfg.activation == "topk" and need_recons and not need_acts and not need_grad
-            and not (use_hooks and has_hooks(h["hook_sae_acts_post"]))
-            and pre.device.type == "cpu"
-        ):
-            # TopK fast path: decode the k winners directly, never build [N, d_sae].
-            values, indices = topk(pre.reshape(-1, pre.shape[-1]), sae.cfg.k)
-            recons = topk_decode(indices, values.relu_(), sae.W_dec, sae.b_dec)
-        else:
-            if (
-                sae.cfg.activation == "relu" and type(sae).activation is SAE.activation
-                and type(sae).encode_pre is SAE.encode_pre
-                and not need_grad and not pre_seen
-            ):
-                acts = pre.relu_()  # our own temporary, seen by no hook: no second buffer
-            else:
-                acts = sae.activation(pre)
-            acts = _fire(h["hook_sae_acts_post"], acts, use_hooks, seen)
-            if need_recons:
-                flat = acts.reshape(-1, acts.shape[-1]).to(sae.W_dec.dtype)
-                recons = decode_maybe_sparse(flat, sae.W_dec, sae.b_dec)
-        if recons is not None:
-            recons = _fire(h["hook_sae_recons"], recons.reshape(*lead, -1), use_hooks, seen)
-        self.changed = any(seen)
-        return acts, recons
-
-
-class _SAELensKernel(_Kernel):
-    """Runs a ``sae_lens.SAE`` through its own ``encode``/``decode``, which fire its own hook
-    points; those are the ones exposed under the model's hook name (as SAELens does)."""
-
-    def run(self, x, *, use_hooks=True, need_acts=False, need_recons=True):
-        # its hooks fire inside SAELens' own code: any of them may have changed a value
-        self.changed = use_hooks and any(has_hooks(self.hooks[n]) for n in SAE_INNER_HOOKS)
-        if use_hooks:
-            acts = self.sae.encode(x)
-            return acts, (self.sae.decode(acts) if need_recons else None)
-        with _hooks_disabled(self.sae):
-            acts = self.sae.encode(x)
-            return acts, (self.sae.decode(acts) if need_recons else None)
-
-
-@contextlib.contextmanager
-def _hooks_disabled(sae: Any) -> Iterator[None]:
-    """Run a ``sae_lens.SAE`` with its hook points silent: SAELens's private
-    ``_disable_hooks`` when it has one, else the same by hand (each of its hook points
-    swapped for a hook-free ``HookPoint`` for the duration)."""
-    try:
-        from sae_lens.saes.sae import _disable_hooks
-    except ImportError:
-        _disable_hooks = None
-    if _disable_hooks is not None:
-        with _disable_hooks(sae):
-            yield
-        return
-    saved = {n: m for n, m in sae._modules.items() if isinstance(m, HookPoint)}
-    try:
-        for n in saved:
-            sae._modules[n] = HookPoint()
-        yield
-    finally:
-        sae._modules.update(saved)
 
 
 # ------------------------------------------------------------------------- handle
