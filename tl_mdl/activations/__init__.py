@@ -19,7 +19,7 @@ from tl_mdl.activations.io import (
 from tl_mdl.activations.shards import ShardedActivations, read_shard_header
 
 _LAZY = {"ActivationStore": "tl_mdl.activations.store",
-         "harvest_batch": "tl_mdl.activations.store"}
+         "harvest_batch": "tl_mdl.activations.harvest"}
 
 
 def __getattr__(name: str) -> Any:
@@ -35,4 +35,5 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from tl_mdl.activations.store import ActivationStore, harvest_batch
+    from tl_mdl.activations.harvest import harvest_batch
+    from tl_mdl.activations.store import ActivationStore
