@@ -44,4 +44,11 @@ __all__ = [
 ]
 
 from tl_mdl.mdl.hierarchical import latent_description_length  # noqa: E402
-from tl_mdl.mdl.select import NoSAEMeetsThreshold, select_mdl, select_mdl_row  # noqa: E402
+from tl_mdl.mdl.select import (  # noqa: E402
+    NoSAEMeetsThreshold,
+    frontier_bits_at,
+    pareto_frontier,
+    plot_frontiers,
+    select_mdl,
+    select_mdl_row,
+)

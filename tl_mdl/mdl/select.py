@@ -1,4 +1,5 @@
-"""MDL selection: the shortest description among SAEs that reconstruct well enough.
+"""MDL selection: the shortest description among SAEs that reconstruct well enough, and the
+Pareto frontier of description length against quantised FVU.
 
 ``fvu_threshold`` is the largest quantised FVU an SAE may have to be chosen; it is not the
 precision ``tolerance`` of :func:`~tl_mdl.mdl.description_length` (docs/math.md §3)."""
@@ -104,3 +105,75 @@ def select_mdl(
     if row.get("path"):
         return SAE.load(row["path"])
     raise KeyError("the selected row has neither 'sae' nor 'path'")
+
+
+def pareto_frontier(
+    rows: Iterable[Mapping[str, Any]], *, loss_key: str = "fvu_quantized",
+    bits_key: str = "bits_per_input",
+) -> list[Mapping[str, Any]]:
+    """The rows no other row beats on both axes: none has ``bits <=`` and ``loss <=`` with
+    one of them strictly smaller (of equal rows the earliest stays). Sorted by ``loss_key``
+    ascending, so ``bits_key`` descends along the list."""
+    ordered = sorted(enumerate(rows), key=lambda ir: (ir[1][loss_key], ir[1][bits_key], ir[0]))
+    out: list[Mapping[str, Any]] = []
+    for _, r in ordered:
+        if not out or r[bits_key] < out[-1][bits_key]:
+            out.append(r)
+    return out
+
+
+def frontier_bits_at(
+    rows: Iterable[Mapping[str, Any]], fvu: float, *, loss_key: str = "fvu_quantized",
+    bits_key: str = "bits_per_input",
+) -> float | None:
+    """The frontier's description length at quantised FVU ``fvu``: ``log(bits)`` linear in
+    the FVU between the two frontier points around it (exact at a point); None outside the
+    frontier's FVU range (no extrapolation)."""
+    front = pareto_frontier(rows, loss_key=loss_key, bits_key=bits_key)
+    for a, b in zip(front, front[1:]):
+        fa, fb = a[loss_key], b[loss_key]
+        if fa <= fvu <= fb:
+            if fb == fa:
+                return float(a[bits_key])
+            t = (fvu - fa) / (fb - fa)
+            la, lb = math.log(a[bits_key]), math.log(b[bits_key])
+            return math.exp(la + t * (lb - la))
+    if front and front[0][loss_key] == fvu:
+        return float(front[0][bits_key])
+    return None
+
+
+def plot_frontiers(
+    rows: Iterable[Mapping[str, Any]], path: str | Any, *, group_key: str = "objective",
+    title: str = "description length vs quantised FVU",
+) -> Any:
+    """Plot every row (dots) and one Pareto frontier per ``group_key`` value (e.g.
+    ``topk``, ``l1``, ``mdl``, ``hierarchical``) of bits per input against quantised FVU,
+    log y axis; saved as a PNG at ``path`` (returned)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get(group_key, "")), []).append(r)
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for i, (name, rs) in enumerate(sorted(groups.items())):
+        color = f"C{i}"
+        ax.scatter([r["fvu_quantized"] for r in rs], [r["bits_per_input"] for r in rs],
+                   s=12, alpha=0.35, color=color)
+        front = pareto_frontier(rs)
+        ax.plot([r["fvu_quantized"] for r in front], [r["bits_per_input"] for r in front],
+                "-o", ms=4, color=color, label=f"{name} frontier")
+    ax.set_yscale("log")
+    ax.set_xlabel("quantised FVU (lower is more faithful)")
+    ax.set_ylabel("description length (bits / input)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,7 +1,10 @@
 """Training objectives, each next to its math. All reconstruction terms are the batch FVU
 ``Σ‖x − x̂‖² / Σ‖x − x̄_batch‖²`` so coefficients are unit-free across datasets.
 
-``mdl`` — a differentiable surrogate of the description length (docs/math.md §5)
+``mdl`` — for a JumpReLU SAE (what ``train_sae(objective="mdl")`` trains), straight-through
+estimates of the exact code length with a TopK warm start: see
+:mod:`tl_mdl.training.code_length` and ``docs/math.md`` §5. For other SAEs (ReLU, hierarchical)
+the smooth surrogate below of the description length
 ``DL = Σ_i [H_b(p_i) + p_i H_i]`` bits/input at bin width ``w``:
 
 * ``w`` is the width at which uniform rounding noise (variance ``w²/12`` per active latent)
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -82,11 +86,14 @@ def l1_penalty(latents: Tensor, sae: SAE, x: Tensor) -> Tensor:
     return (latents * sae.W_dec.norm(dim=-1)).sum(-1).mean() / rms
 
 
-#: ``objective(sae, x, latents, x_hat, sparsity, tolerance) -> (loss, parts)``
+#: ``objective(sae, x, latents, x_hat, sparsity, tolerance) -> (loss, parts)``. A registry
+#: entry may also be a class: it is instantiated once per training run (a stateful
+#: objective, e.g. with running statistics; see :func:`make_objective`).
 Objective = Callable[..., tuple[Tensor, dict[str, float]]]
 
 
-def _mdl(sae, x, latents, x_hat, sparsity, tolerance):
+def smooth_mdl(sae, x, latents, x_hat, sparsity, tolerance):
+    """``FVU + λ · mdl_penalty`` (the smooth surrogate, module docstring)."""
     rec = batch_fvu(x, x_hat)
     dl = mdl_penalty(latents, sae, x, tolerance=tolerance)
     return rec + sparsity * dl, {"fvu": float(rec.detach()), "dl_bits": float(dl.detach())}
@@ -108,15 +115,35 @@ def _topk(sae, x, latents, x_hat, sparsity, tolerance):
     return rec, {"fvu": float(rec.detach())}
 
 
-OBJECTIVES: dict[str, Objective] = {"mdl": _mdl, "l1": _l1, "topk": _topk}
+_mdl = smooth_mdl  # the name older code imported
 
 
-def register_objective(name: str, fn: Objective) -> None:
-    """Add a training objective ``fn(sae, x, latents, x_hat, sparsity, tolerance)``."""
+def register_objective(name: str, fn: Objective | type) -> None:
+    """Add a training objective ``fn(sae, x, latents, x_hat, sparsity, tolerance)`` (or a
+    class whose instances are such callables; one instance per run)."""
     OBJECTIVES[name] = fn
 
 
-def get_objective(name: str) -> Objective:
+def get_objective(name: str) -> Objective | type:
     if name not in OBJECTIVES:
         raise ValueError(f"objective={name!r} is unknown; use one of {sorted(OBJECTIVES)}")
     return OBJECTIVES[name]
+
+
+def make_objective(name: str, **settings: Any) -> Objective:
+    """The callable for one training run: the registered function itself, or a new
+    instance of a registered class (``settings`` go to its ``from_settings`` when it has
+    one)."""
+    entry = get_objective(name)
+    if isinstance(entry, type):
+        maker = getattr(entry, "from_settings", None)
+        return maker(**settings) if maker is not None else entry()
+    return entry
+
+
+# Imported last: code_length builds on batch_fvu and surrogate_bin_width above.
+from tl_mdl.training.code_length import CodeLengthObjective  # noqa: E402
+
+OBJECTIVES: dict[str, Objective | type] = {
+    "mdl": CodeLengthObjective, "l1": _l1, "topk": _topk,
+}

@@ -18,11 +18,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tl_mdl._io import atomic_write
-from tl_mdl.mdl import DEFAULT_TOLERANCE, description_length, select_mdl, select_mdl_row
+from tl_mdl.mdl import (
+    DEFAULT_TOLERANCE,
+    description_length,
+    pareto_frontier,
+    plot_frontiers,
+    select_mdl,
+    select_mdl_row,
+)
 from tl_mdl.mdl.select import resolve_fvu_threshold
 from tl_mdl.sae import SAE, SAEConfig
 from tl_mdl.training import distributed as ddp
-from tl_mdl.training.trainer import TrainConfig, train_sae
+from tl_mdl.training.trainer import NEW_FIELDS, TrainConfig, train_sae
 
 #: the scalar columns of a sweep table (CSV order)
 COLUMNS = (
@@ -39,6 +46,7 @@ COLUMNS = (
     "raw_bits",
     "train_seconds",
     "path",
+    "target_fvu",
 )
 
 
@@ -73,6 +81,18 @@ class SweepTable:
         """The SAE of :meth:`select`'s row."""
         fvu_threshold = resolve_fvu_threshold(fvu_threshold, tolerance, "SweepTable.select_sae")
         return select_mdl(self.rows, fvu_threshold)
+
+    def frontier(self) -> SweepTable:
+        """The Pareto set of description length against quantised FVU: the rows no other
+        row beats on both (sorted by ``fvu_quantized``; see
+        :func:`tl_mdl.mdl.pareto_frontier`). Filter the rows first for one objective's."""
+        return SweepTable([dict(r) for r in pareto_frontier(self.rows)])
+
+    def plot_frontier(self, path: str | os.PathLike, **kw: Any) -> Path:
+        """Every row and one frontier per objective, bits/input (log) vs quantised FVU,
+        saved as a PNG (:func:`tl_mdl.mdl.plot_frontiers`). Combine tables of several
+        objectives with ``SweepTable(a.rows + b.rows)``."""
+        return Path(plot_frontiers(self.rows, path, **kw))
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write the scalar columns (atomically)."""
@@ -138,8 +158,15 @@ def row_settings(
     tc = asdict(TrainConfig())
     tc.update({k: v for k, v in train_kwargs.items() if k not in _NOT_SETTINGS})
     tc.update(objective=objective, sparsity=float(sparsity), seed=seed)
+    # train_sae trains until converged when given neither steps nor epochs
+    tc["until_converged"] = (train_kwargs.get("steps") is None
+                             and train_kwargs.get("epochs") is None)
     for k in _NOT_SETTINGS:
         tc.pop(k, None)
+    defaults = asdict(TrainConfig())
+    for k in NEW_FIELDS:  # absent in rows stored before they existed: same training
+        if k in tc and tc[k] == defaults[k]:
+            tc.pop(k)
     settings = {
         "train": {"sae_cfg": asdict(cfg), **tc, "data": train_data},
         "score": {"tolerance": tolerance, "data": eval_data},
@@ -222,8 +249,8 @@ def checkpoint_subfolder(train_kwargs: dict[str, Any], name: str) -> dict[str, A
     return {**train_kwargs, "checkpoint_dir": Path(train_kwargs["checkpoint_dir"]) / name}
 
 
-def _key(width: int, sparsity: float) -> str:
-    return f"w{width}_s{sparsity:g}"
+def _key(width: int, sparsity: float, target: float | None = None) -> str:
+    return f"w{width}_s{sparsity:g}" if target is None else f"w{width}_t{target:g}"
 
 
 def sweep(
@@ -232,6 +259,7 @@ def sweep(
     sparsities: Sequence[float] = (1e-3,),
     objective: str = "mdl",
     *,
+    target_fvus: Sequence[float] | None = None,
     eval_activations: Tensor | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     out_dir: str | os.PathLike | None = None,
@@ -243,7 +271,10 @@ def sweep(
     """Train one SAE per (width, sparsity) and score its description length.
 
     ``sparsity`` is λ for ``"mdl"`` / ``"l1"`` and ``k`` for ``"topk"`` (pairs with
-    ``k > width`` are skipped). Each SAE is scored with ``description_length`` on
+    ``k > width`` are skipped). With ``target_fvus`` the grid is widths × targets instead:
+    each SAE is trained with ``train_sae(..., target_fvu=t)`` (λ adapted, starting from
+    ``sparsities[0]``); its row's ``target_fvu`` is ``t`` and ``sparsity`` the final λ,
+    and its folder is ``w{width}_t{t}/``. Each SAE is scored with ``description_length`` on
     ``eval_activations`` (default: the training activations when they are a Tensor) at
     precision ``tolerance``; the ``"mdl"`` objective trains its DL surrogate at that same
     ``tolerance``. With ``out_dir`` every SAE is saved to
@@ -268,13 +299,15 @@ def sweep(
         eval_activations = activations
     if not widths or not sparsities:
         raise ValueError(f"widths={widths!r} and sparsities={sparsities!r} must be non-empty")
+    if target_fvus is not None and not list(target_fvus):
+        raise ValueError("target_fvus=[] is empty; pass fidelity targets, e.g. [0.15, 0.25]")
     d_in = int(eval_activations.shape[-1])
-    grid = [
-        (int(w), s)
-        for w in widths
-        for s in sparsities
-        if not (objective == "topk" and int(s) > int(w))
-    ]
+    grid: list[tuple[int, float, float | None]] = (
+        [(int(w), s, None) for w in widths for s in sparsities
+         if not (objective == "topk" and int(s) > int(w))]
+        if target_fvus is None
+        else [(int(w), sparsities[0], float(t)) for w in widths for t in target_fvus]
+    )
     out = Path(out_dir) if out_dir is not None else None
     split = ddp.is_distributed() if distributed is None else bool(distributed)
     world, rank = (ddp.world_size(), ddp.rank()) if split else (1, 0)
@@ -286,32 +319,38 @@ def sweep(
     if objective == "mdl":  # the surrogate trains at the precision it is scored at
         train_kwargs = {**train_kwargs, "tolerance": tolerance}
     table = SweepTable()
-    for index, (width, sp) in tqdm(mine, desc=f"sweep {objective}", disable=not progress):
-        folder = out / _key(width, sp) if out is not None else None
+    for index, (width, sp, target) in tqdm(mine, desc=f"sweep {objective}",
+                                           disable=not progress):
+        key = _key(width, sp, target)
+        folder = out / key if out is not None else None
+        kw = checkpoint_subfolder(train_kwargs, key)
+        if target is not None:
+            kw["target_fvu"] = target
         if objective == "topk":
             cfg = SAEConfig(d_in=d_in, d_sae=width, activation="topk", k=int(sp))
         else:
             cfg = SAEConfig(d_in=d_in, d_sae=width)
         settings = row_settings(
-            cfg, objective, sp, seed, train_kwargs, tolerance, train_data, eval_data
+            cfg, objective, sp, seed, kw, tolerance, train_data, eval_data
         )
         stored, sae, seconds, trained = reuse_or_train(folder, SAE, settings, partial(
             train_sae, activations, cfg, objective, sparsity=float(sp), seed=seed,
-            progress=progress, distributed=False,
-            **checkpoint_subfolder(train_kwargs, _key(width, sp)),
+            progress=progress, distributed=False, **kw,
         ))
         if stored is not None:
             stored["grid_index"] = index
             table.rows.append(stored)
             continue
         rep = description_length(sae, eval_activations, tolerance=tolerance)
+        final = sae.cfg.metadata.get("training", {}).get("final_sparsity", sp)
         row = {
             "width": width,
-            "sparsity": sp,
+            "sparsity": sp if target is None else final,
             "objective": objective,
             **report_columns(rep),
             "train_seconds": seconds,
             "path": str(folder) if folder is not None else "",
+            "target_fvu": target,
             SETTINGS_KEY: settings,
         }
         store_row(folder, sae, row, trained)

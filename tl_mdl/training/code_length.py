@@ -1,0 +1,191 @@
+"""The ``mdl`` objective for JumpReLU SAEs: straight-through estimates of the exact code
+length, with a TopK warm start.
+
+The description length scored by :func:`tl_mdl.description_length` is
+``DL = Σ_i [H_b(p_i) + p_i H_i]`` bits per input at bin width ``w`` (``p_i`` the firing
+rate of feature ``i``, ``H_i`` the entropy of its quantised nonzero values). Its
+derivative with respect to one more firing of feature ``i`` is
+
+* presence: ``∂ H_b(p_i) / ∂ p_i = log2((1 − p_i) / p_i)`` bits (a rare feature's firing
+  costs more; clamped at 0 for ``p_i > 1/2``),
+* values: ``H_i``, estimated as the entropy of a Gaussian of the feature's active values
+  at bin width ``w``: ``max(0, ½ log2(2πe σ_i²) − log2 w)``,
+
+so each firing costs ``c_i = log2((1 − p_i)/p_i) + H_i`` bits, with ``p_i`` and ``H_i``
+running means over steps (weight 0.01 per step; no gradient through them). The penalty
+is ``Σ_i c_i · [f_{n,i} > 0]`` averaged over the batch; its value is reported as the batch
+estimate ``Σ_i H_b(p̂_i) + p̂_i H_i`` of the DL. ``[f > 0] = [pre > θ_i]`` has no gradient;
+its straight-through estimate moves the threshold (Rajamanoharan et al. 2024, "Jumping
+Ahead"): ``∂/∂θ_i ≈ −(1/ε) Σ_n K((pre_{n,i} − θ_i)/ε)`` with a rectangle kernel ``K`` of
+width ``ε``, here estimated from the active side alone (``2 · #{θ_i < f ≤ θ_i + ε/2}``,
+as the latents carry no value below the threshold). ``ε = w``, the bin width at which
+uniform rounding noise uses up the precision ``tolerance`` (see
+:func:`~tl_mdl.training.objectives.surrogate_bin_width`): the precision the search will
+choose, so thresholds move on the scale the code resolves. The SAE's own JumpReLU
+straight-through gradient (reconstruction → θ) uses the same ``ε``.
+
+``loss = FVU + λ · penalty``; with ``target_fvu`` the trainer adapts λ (dual ascent, see
+:class:`~tl_mdl.training.convergence.FidelityTarget`).
+
+Warm start: the first ``warm_start_frac`` of the steps train the same weights as a TopK
+SAE (``k = warm_start_k``, default ``clamp(d_sae // 8, 1, 64)``), reconstruction only;
+then each threshold is set to the quantile of its pre-activations that keeps its TopK
+firing rate, and training continues as JumpReLU with the code-length penalty. Without it
+a JumpReLU SAE trained from scratch under a code-length cost loses most of its features
+(a rarely firing feature's firings are the most expensive, so it never recovers). After
+every step decoder rows are scaled to unit norm (output-preserving: the encoder and the
+thresholds take the scale) and thresholds are kept ``>= 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tl_mdl._sparse import topk
+from tl_mdl.sae import SAE
+from tl_mdl.training.objectives import batch_fvu, smooth_mdl, surrogate_bin_width
+
+_TWO_PI_E = 2 * math.pi * math.e
+
+
+def default_warm_start_k(d_sae: int) -> int:
+    return max(1, min(d_sae // 8, 64))
+
+
+class _Presence(torch.autograd.Function):
+    """Value: the batch DL estimate; gradient: per-firing costs through the thresholds."""
+
+    @staticmethod
+    def forward(ctx, latents: Tensor, threshold: Tensor, cost: Tensor, value_bits: Tensor,
+                eps: float) -> Tensor:
+        active = latents > 0
+        b = latents.shape[0]
+        near = (active & (latents <= threshold + eps / 2)).sum(0).to(latents.dtype)
+        ctx.save_for_backward(near, cost)
+        ctx.scale = 2.0 / (eps * b)
+        p = active.sum(0).to(latents.dtype) / b
+        hb = -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p)) / math.log(2)
+        return (hb + p * value_bits).sum()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        near, cost = ctx.saved_tensors
+        return None, -g * ctx.scale * cost * near, None, None, None
+
+
+class CodeLengthObjective:
+    """The ``mdl`` objective (module docstring). A JumpReLU :class:`~tl_mdl.SAE` gets the
+    straight-through code length; any other SAE (ReLU, hierarchical) the smooth surrogate
+    :func:`~tl_mdl.training.objectives.mdl_penalty`."""
+
+    decay = 0.99
+
+    @classmethod
+    def from_settings(cls, warm_start_frac: float = 0.2, warm_start_k: int | None = None,
+                      **_: Any) -> CodeLengthObjective:
+        return cls(warm_start_frac, warm_start_k)
+
+    def __init__(self, warm_start_frac: float = 0.2, warm_start_k: int | None = None):
+        self.warm_start_frac, self.warm_start_k = warm_start_frac, warm_start_k
+        self.p: Tensor | None = None  # running firing rates [d_sae]
+        self.h: Tensor | None = None  # running value bits per firing [d_sae]
+        self.w: float | None = None  # the last bin width
+        self.warm = False
+
+    # ------------------------------------------------------------------ the trainer's hooks
+    @staticmethod
+    def applies(sae: Any) -> bool:
+        return isinstance(sae, SAE) and sae.cfg.activation == "jumprelu"
+
+    def warm_k(self, sae: Any) -> int | None:
+        """The TopK warm start's ``k`` (None: no warm start for this SAE)."""
+        if not self.applies(sae) or self.warm_start_frac <= 0:
+            return None
+        k = self.warm_start_k or default_warm_start_k(sae.cfg.d_sae)
+        return min(k, sae.cfg.d_sae)
+
+    def encode(self, sae: Any, x: Tensor) -> Tensor:
+        if self.warm:
+            pre = sae.encode_pre(x)
+            values, idx = topk(pre, self.warm_k(sae))
+            return torch.zeros_like(pre).scatter(-1, idx, torch.relu(values))
+        if self.applies(sae) and self.w is not None:
+            sae.jumprelu_bandwidth = self.w  # the straight-through kernel's width ε
+        return sae.encode(x)
+
+    @torch.no_grad()
+    def end_warm_start(self, sae: Any, x: Tensor) -> None:
+        """Thresholds that keep each feature's TopK firing rate on batch ``x``."""
+        pre = sae.encode_pre(x)
+        n = pre.shape[0]
+        values, idx = topk(pre, self.warm_k(sae))
+        rate = torch.zeros_like(pre).scatter(-1, idx, (values > 0).to(pre.dtype)).mean(0)
+        rate = rate.clamp(1.0 / n, 0.5)
+        order = pre.sort(0).values
+        row = ((1 - rate) * n).long().clamp(0, n - 1)
+        sae.threshold.copy_(order.gather(0, row[None]).squeeze(0).clamp_min(0))
+        self.p = rate.clone()
+        self.warm = False
+
+    @torch.no_grad()
+    def after_step(self, sae: Any) -> None:
+        if self.applies(sae) and not self.warm:
+            sae.set_decoder_norm_to_unit_norm()
+            sae.threshold.clamp_(min=0)
+
+    def finish(self, sae: Any) -> None:
+        sae.__dict__.pop("jumprelu_bandwidth", None)  # back to the class default
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out = {"warm": torch.tensor(float(self.warm))}
+        if self.w is not None:
+            out["w"] = torch.tensor(self.w, dtype=torch.float64)
+        if self.p is not None and self.h is not None:
+            out.update(p=self.p, h=self.h)
+        return out
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.warm = bool(state["warm"].item())
+        self.w = float(state["w"].item()) if "w" in state else None
+        self.p, self.h = state.get("p"), state.get("h")
+
+    # ------------------------------------------------------------------------ the loss
+    def __call__(self, sae, x, latents, x_hat, sparsity, tolerance):
+        rec = batch_fvu(x, x_hat)
+        if self.warm:
+            return rec, {"fvu": float(rec.detach())}
+        if not self.applies(sae):
+            return smooth_mdl(sae, x, latents, x_hat, sparsity, tolerance)
+        # held-out evaluations run without gradients and leave the running means alone
+        cost, value_bits, w = self._costs(sae, x, latents, tolerance, torch.is_grad_enabled())
+        dl = _Presence.apply(latents.detach(), sae.threshold, cost, value_bits, w)
+        return rec + sparsity * dl, {"fvu": float(rec.detach()), "dl_bits": float(dl.detach())}
+
+    @torch.no_grad()
+    def _costs(self, sae, x, latents, tolerance, update: bool) -> tuple[Tensor, Tensor, float]:
+        w_t = surrogate_bin_width(sae, x, latents, tolerance)
+        w = float(w_t)
+        active = latents > 0
+        count = active.sum(0).to(latents.dtype)
+        n = latents.shape[0]
+        mean = latents.sum(0) / count.clamp_min(1)
+        var = (latents.pow(2).sum(0) / count.clamp_min(1) - mean.pow(2)).clamp_min(1e-30)
+        h_batch = (0.5 * torch.log2(_TWO_PI_E * var) - math.log2(w)).clamp_min(0)
+        if self.p is None or self.h is None:
+            self.p = ((count + 0.5) / (n + 1)).to(torch.float32)
+            self.h = h_batch.to(torch.float32)
+        d = self.decay
+        if update:
+            self.p = d * self.p + (1 - d) * (count / n).to(self.p)
+            self.h = torch.where(count >= 2, d * self.h + (1 - d) * h_batch.to(self.h), self.h)
+            self.w = w
+        p = self.p.clamp(1e-6, 0.5)
+        cost = torch.log2((1 - p) / p) + self.h
+        return cost.to(latents.dtype), self.h.to(latents.dtype), w
+
+
+__all__ = ["CodeLengthObjective", "default_warm_start_k"]
