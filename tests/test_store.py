@@ -135,15 +135,16 @@ def test_train_sae_on_a_store_runs_epochs_and_resumes_exactly(model, tokens, tmp
     full = train_sae(store, cfg, epochs=3, **kw)
     assert full.history[-1]["step"] == 3 * len(store) - 1
     # 7 steps (into the second pass) with a checkpoint, resumed to 15 by a fresh store,
-    # equals 15 uninterrupted steps (constant learning rate, so the schedules agree)
+    # equals 15 uninterrupted steps (constant learning rate and no warm start, so the
+    # schedules agree)
     part = ActivationStore(model, HOOK, tokens, batch_size=16, progress=False)
     a = train_sae(part, cfg, steps=7, checkpoint_dir=tmp_path / "b", checkpoint_every=7,
-                  lr_decay_frac=0.0, **kw).sae
+                  lr_decay_frac=0.0, warm_start_frac=0.0, **kw).sae
     b = train_sae(ActivationStore(model, HOOK, tokens, batch_size=16, progress=False), cfg,
                   steps=15, checkpoint_dir=tmp_path / "b", checkpoint_every=7,
-                  lr_decay_frac=0.0, **kw).sae
+                  lr_decay_frac=0.0, warm_start_frac=0.0, **kw).sae
     c = train_sae(ActivationStore(model, HOOK, tokens, batch_size=16, progress=False), cfg,
-                  steps=15, lr_decay_frac=0.0, **kw).sae
+                  steps=15, lr_decay_frac=0.0, warm_start_frac=0.0, **kw).sae
     assert not torch.equal(a.W_enc, c.W_enc)
     for name, p in c.state_dict().items():
         assert torch.equal(b.state_dict()[name], p), name

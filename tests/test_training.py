@@ -238,7 +238,8 @@ def test_a_checkpoint_resumes_on_another_device(tmp_path, monkeypatch):
 
     x = sparse_sums()
     cfg = SAEConfig(d_in=8, d_sae=16)
-    kw = dict(batch_size=64, lr=3e-3, progress=False, lr_decay_frac=0.0)
+    kw = dict(batch_size=64, lr=3e-3, progress=False, lr_decay_frac=0.0,
+              warm_start_frac=0.0)  # schedules of 4 and 8 steps: same from step 4 on
     train_sae(x, cfg, steps=4, checkpoint_dir=tmp_path, checkpoint_every=4, **kw)
     real = trainer.load_checkpoint
 

@@ -6,6 +6,7 @@ precision ``tolerance`` of :func:`~tl_mdl.mdl.description_length` (docs/math.md 
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -130,11 +131,11 @@ def frontier_bits_at(
     the FVU between the two frontier points around it (exact at a point); None outside the
     frontier's FVU range (no extrapolation)."""
     front = pareto_frontier(rows, loss_key=loss_key, bits_key=bits_key)
-    for a, b in zip(front, front[1:]):
+    for a, b in itertools.pairwise(front):
         fa, fb = a[loss_key], b[loss_key]
         if fa <= fvu <= fb:
-            if fb == fa:
-                return float(a[bits_key])
+            if fvu in (fa, fb):  # exactly a frontier point
+                return float(a[bits_key] if fvu == fa else b[bits_key])
             t = (fvu - fa) / (fb - fa)
             la, lb = math.log(a[bits_key]), math.log(b[bits_key])
             return math.exp(la + t * (lb - la))

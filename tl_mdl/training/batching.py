@@ -143,4 +143,5 @@ def init_b_dec(sae, x: Tensor | None) -> None:
         sae.b_dec.copy_(sample.mean(0).to(sae.b_dec.dtype))
 
 
-__all__ = ["Batches", "RowBatches", "split_heldout", "check_batch", "check_activations", "init_b_dec"]
+__all__ = ["Batches", "RowBatches", "split_heldout", "check_batch", "check_activations",
+           "init_b_dec"]
