@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from builders import require_hooked_transformer
 
 import tl_mdl
 import tl_mdl.mdl
@@ -35,6 +36,7 @@ def test_kl_by_name_is_built_on_first_use():
     """In a fresh process (tl_mdl.hooks not imported), tl_mdl.description_length(loss="kl")
     builds the loss through tl_mdl.hooks. (That the codec imports no SAE and mdl no model is
     checked statically by the import-linter contracts in pyproject.toml.)"""
+    require_hooked_transformer()  # the fresh process builds a HookedTransformer
     out = subprocess.run([sys.executable, "-c", FRESH], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
