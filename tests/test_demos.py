@@ -27,22 +27,32 @@ def _load(name: str):
 def test_mnist_mdl_demo_small(tmp_path):
     demo = _load("mnist_mdl")
     out = tmp_path / "mnist"
-    summary = demo.main(["--out", str(out), "--train-size", "1200", "--widths", "8,32",
-                         "--sparsities", "2,8", "--fvu-threshold", "0.9", "--epochs", "10",
+    summary = demo.main(["--out", str(out), "--train-size", "1200", "--test-size", "300",
+                         "--widths", "8,32", "--levels", "0.5,0.7", "--steps", "150",
                          "--no-progress"])
-    for f in ("sweep.csv", "dl_vs_width.csv", "summary.json", "dl_vs_width.png",
-              "features_optimal.png", "features_narrow.png", "features_wide.png"):
+    for f in ("searched.csv", "dl_vs_width.csv", "shapes.csv", "summary.json",
+              "dl_vs_width.png", "features.png"):
         assert (out / f).is_file(), f
-    rows = list(csv.DictReader(open(out / "sweep.csv")))
-    assert len(rows) == 4
-    assert {"width", "sparsity", "bits_per_input", "bin_width", "l0", "fvu"} <= set(rows[0])
-    best = min((r for r in rows if float(r["fvu_quantized"]) <= 0.9),
-               key=lambda r: float(r["bits_per_input"]))
-    assert summary["optimal"]["bits_per_input"] == pytest.approx(float(best["bits_per_input"]))
+    trained = list(csv.DictReader(open(out / "searched.csv")))
+    table = list(csv.DictReader(open(out / "dl_vs_width.csv")))
+    assert {"width", "k", "bits_per_input", "fvu_quantized", "l0"} <= set(trained[0])
+    for r in table:  # k_hi is the smallest trained k meeting the level, k_lo the largest below
+        ks = {int(t["k"]): float(t["fvu_quantized"]) for t in trained
+              if t["width"] == r["width"] and t["seed"] == r["seed"]}
+        level = float(r["level"])
+        if r["k_hi"]:
+            assert ks[int(r["k_hi"])] <= level
+            assert all(f > level for k, f in ks.items() if k < int(r["k_hi"]))
+        if r["k_lo"]:
+            assert ks[int(r["k_lo"])] > level
+    assert len({(t["width"], t["k"]) for t in trained}) == len(trained)  # none trained twice
+    shapes = list(csv.DictReader(open(out / "shapes.csv")))
+    assert {s["which"] for s in shapes} == {"narrow", "optimal", "wide"}
+    assert all(0 <= float(s["median_memorisation"]) <= 1 for s in shapes)
     # the real codec agrees with the computed DL (small N: header excluded, rate within 5%)
-    assert summary["codec_payload_bits_per_image"] == pytest.approx(
-        summary["optimal"]["bits_per_input"], rel=0.05)
-    assert json.loads((out / "summary.json").read_text())["objective"] == "topk"
+    check = summary["codec_check"]
+    assert check["codec_payload_bits"] == pytest.approx(check["dl"], rel=0.05)
+    assert json.loads((out / "summary.json").read_text())["levels"] == [0.5, 0.7]
 
 
 @pytest.mark.slow
@@ -57,3 +67,7 @@ def test_bilinear_mnist_demo_small(tmp_path):
     assert {"eigenvectors.png", "accuracy_vs_k.png"} <= pngs
     acc = list(csv.DictReader(open(out / "accuracy_vs_k.csv")))
     assert float(acc[-1]["accuracy"]) > 0.85  # one epoch, 32 hidden units
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["expansion_max_abs_error"] < 1e-3  # float32 logits vs float64 expansion
+    smooth = list(csv.DictReader(open(out / "eigen_smoothness.csv")))
+    assert len(smooth) == 60 and all(0 <= float(r["high_freq"]) <= 1 for r in smooth)

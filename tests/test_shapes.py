@@ -108,9 +108,29 @@ def test_a_compact_mid_sized_shape_is_a_fragment():
     assert feature_shapes(square.flatten()[None]).labels == ["fragment"]
 
 
+def test_faint_positive_noise_does_not_count_as_shape():
+    rows = torch.zeros(2, 28, 28, dtype=torch.float64)
+    rows[:, 7, 3:15] = 1.0
+    rows[1] += 0.05 * torch.rand(28, 28, generator=torch.Generator().manual_seed(0))
+    rows[1, 7, 3:15] = 1.0
+    area, elong, _ = positive_mass_shape(rows.flatten(1))
+    assert area[1] == area[0] == 12.0 and elong[1] == elong[0] == 12.0
+    area0, _, _ = positive_mass_shape(rows.flatten(1), floor=0.0)
+    assert area0[1] > 30  # without the floor, the noise would triple the area
+
+
+def test_a_large_blurred_shape_that_is_no_training_image_is_diffuse():
+    blur = torch.exp(-((YY - 14) ** 2 + (XX - 14) ** 2) / (2 * 6.0**2))
+    fs = feature_shapes(blur.flatten()[None], training_digits())
+    assert fs.memorisation[0] < 0.6 and fs.area[0] > 60
+    assert fs.labels == ["diffuse"]
+
+
 def test_feature_shapes_rejects_bad_input():
     with pytest.raises(ValueError, match="image_shape"):
         feature_shapes(torch.zeros(2, 100))
+    with pytest.raises(ValueError, match="floor"):
+        feature_shapes(torch.ones(1, 784), floor=1.0)
     with pytest.raises(ValueError, match="memorised"):
         feature_shapes(torch.ones(1, 784), memorised=0)
     with pytest.raises(ValueError, match="NaN"):

@@ -6,20 +6,22 @@
   a row that *is* an image; a whole-digit prototype scores high, a stroke shared by many
   digits scores low (its cosine with any one digit is at most ``√(stroke area / digit area)``
   for binary images).
-* the **positive mass** ``m = max(w, 0)`` (an SAE adds ``f_i · w`` with ``f_i ≥ 0``, so the
-  positive part is what the feature draws):
+* the **positive mass** ``m = w · [w ≥ floor · max(w)]`` (an SAE adds ``f_i · w`` with
+  ``f_i ≥ 0``, so the positive part is what the feature draws; the floor, default 0.25,
+  keeps faint positive noise spread over the whole image from counting as shape):
 
   - ``area = (Σ m)² / Σ m²``: the participation ratio, exactly ``n`` for ``n`` equal pixels;
   - ``elongation = √((λ₁ + 1/12) / (λ₂ + 1/12))`` with ``λ₁ ≥ λ₂`` the eigenvalues of the
     ``m``-weighted covariance of pixel coordinates. The ``1/12`` is the second moment of a
     unit pixel (a uniform unit square), so a one-pixel-wide segment of ``L`` pixels along an
     axis has elongation exactly ``L`` and a single pixel has 1;
-  - ``positive_fraction = Σ m² / Σ w²``: how much of the row the positive mass is.
+  - ``positive_fraction = Σ max(w, 0)² / Σ w²``: how much of the row is positive.
 
   :func:`feature_shapes` labels each row (thresholds are arguments): ``"digit"`` when
-  ``memorisation ≥ memorised`` (or, without images, ``area ≥ digit_area``), else
-  ``"blob"`` when ``area < blob_area``, else ``"stroke"`` when ``elongation ≥
-  stroke_elongation``, else ``"fragment"`` (compact but not tiny, e.g. part of a loop).
+  ``memorisation ≥ memorised`` (without images: when ``area ≥ digit_area``); else ``"blob"``
+  when ``area < blob_area``; else ``"diffuse"`` when ``area ≥ digit_area`` (digit-sized but
+  no training image's copy, e.g. a blurred average); else ``"stroke"`` when ``elongation ≥
+  stroke_elongation``; else ``"fragment"`` (compact, mid-sized, e.g. part of a loop).
 
 **Smoothness** (e.g. eigenvectors of a bilinear classifier, as images):
 
@@ -112,12 +114,16 @@ def memorisation(
 
 @torch.no_grad()
 def positive_mass_shape(
-    rows: Float[Tensor, "f d"], image_shape: tuple[int, int] = (28, 28)
+    rows: Float[Tensor, "f d"], image_shape: tuple[int, int] = (28, 28), floor: float = 0.25
 ) -> tuple[Float[Tensor, " f"], Float[Tensor, " f"], Float[Tensor, " f"]]:
-    """``(area, elongation, positive_fraction)`` of each row's positive mass (float64; see
-    the module docstring). A row with no positive pixel gets area 0, elongation NaN."""
+    """``(area, elongation, positive_fraction)`` of each row's positive mass, the pixels at
+    or above ``floor × max`` (float64; see the module docstring). A row with no positive
+    pixel gets area 0, elongation NaN."""
+    if not (isinstance(floor, (int, float)) and 0 <= floor < 1):
+        raise ValueError(f"floor={floor!r} must be in [0, 1): a fraction of the row's maximum")
     w = _as_images(rows.detach(), image_shape, "rows").double()
-    m = w.clamp_min(0)
+    top = w.amax((1, 2), keepdim=True).clamp_min(0)
+    m = torch.where((w > 0) & (w >= floor * top), w, torch.zeros_like(w))
     mass = m.sum((1, 2))
     sq = m.square().sum((1, 2))
     area = torch.where(sq > 0, mass.square() / sq.clamp_min(1e-300), torch.zeros_like(sq))
@@ -134,11 +140,12 @@ def positive_mass_shape(
     elong = torch.sqrt((lam1 + _PIXEL_MOMENT) / (lam2 + _PIXEL_MOMENT))
     elong = torch.where(mass > 0, elong, torch.full_like(elong, math.nan))
     total = w.square().sum((1, 2))
-    pos_frac = torch.where(total > 0, sq / total.clamp_min(1e-300), torch.zeros_like(total))
+    pos_sq = w.clamp_min(0).square().sum((1, 2))
+    pos_frac = torch.where(total > 0, pos_sq / total.clamp_min(1e-300), torch.zeros_like(total))
     return area, elong, pos_frac
 
 
-LABELS = ("digit", "stroke", "fragment", "blob")
+LABELS = ("digit", "diffuse", "stroke", "fragment", "blob")
 
 
 @dataclass
@@ -187,18 +194,21 @@ def feature_shapes(
     digit_area: float = 60.0,
     blob_area: float = 8.0,
     stroke_elongation: float = 2.0,
+    floor: float = 0.25,
 ) -> FeatureShapes:
-    """Shape measures and a label (``"digit" | "stroke" | "fragment" | "blob"``) for each row
+    """Shape measures and a label (``"digit" | "diffuse" | "stroke" | "fragment" | "blob"``)
+    for each row
     of ``rows`` (e.g. ``sae.W_dec``) read as an image of ``image_shape``; ``images`` (e.g.
-    training images, flattened) give the memorisation score. Thresholds: see the module
-    docstring; the defaults suit 28×28 MNIST digits (a digit's ink covers ~100 pixels)."""
+    training images, flattened) give the memorisation score. Thresholds and ``floor``: see
+    the module docstring; the defaults suit 28×28 MNIST digits (a digit's ink covers ~100
+    pixels)."""
     if rows.ndim != 2 or rows.shape[0] == 0:
         raise ValueError(f"rows has shape {tuple(rows.shape)}; expected [f >= 1, d]")
     for name, v in (("memorised", memorised), ("digit_area", digit_area),
                     ("blob_area", blob_area), ("stroke_elongation", stroke_elongation)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ValueError(f"{name}={v!r} must be a positive number")
-    area, elong, pos = positive_mass_shape(rows, image_shape)
+    area, elong, pos = positive_mass_shape(rows, image_shape, floor)
     if images is None:
         mem = torch.full_like(area, math.nan)
     else:
@@ -209,6 +219,8 @@ def feature_shapes(
             labels.append("digit")
         elif area[i] < blob_area:
             labels.append("blob")
+        elif area[i] >= digit_area:
+            labels.append("diffuse")
         elif elong[i] >= stroke_elongation:
             labels.append("stroke")
         else:
