@@ -42,7 +42,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fidelity import dl_at_level, search_k  # noqa: E402
 
-from tl_mdl import codec, description_length, quantize, sweep  # noqa: E402
+from tl_mdl import codec, description_length, feature_splitting, quantize, sweep  # noqa: E402
 from tl_mdl.data import load_mnist  # noqa: E402
 from tl_mdl.mdl import encode_all  # noqa: E402
 from tl_mdl.metrics.shapes import feature_shapes  # noqa: E402
@@ -166,6 +166,31 @@ def pick_three(args, table: list[dict], curve: list[dict], t: float) -> dict[str
     return {"narrow": rows[ok[0]["width"]], "optimal": rows[opt], "wide": rows[ok[-1]["width"]]}
 
 
+def splitting_rows(args, table: list[dict], cv: dict[float, list[dict]]) -> list[dict]:
+    """Per level: the MDL-selected width against the width a sparsity-first choice takes
+    (the fewest active latents per input meeting the level), and how the MDL SAE's features
+    split in the sparsity-first SAE (:func:`tl_mdl.feature_splitting`, cosine ≥ 0.5)."""
+    out = []
+    for t, pts in cv.items():
+        rows = [r for r in table if r["level"] == t and r["seed"] == args.seeds[0]
+                and r["_sae"] is not None]
+        if not rows:
+            continue
+        opt_w = min((p for p in pts if not math.isnan(p["dl"])), key=lambda p: p["dl"])["width"]
+        mdl = next(r for r in rows if r["width"] == opt_w)
+        sparse = min(rows, key=lambda r: (r["l0_k_hi"], r["width"]))
+        row = {"level": t, "mdl_width": mdl["width"], "mdl_l0": mdl["l0_k_hi"],
+               "mdl_dl": mdl["dl_at_level"], "sparse_width": sparse["width"],
+               "sparse_l0": sparse["l0_k_hi"], "sparse_dl": sparse["dl_at_level"]}
+        if sparse["width"] != mdl["width"]:
+            narrow, wide = sorted((mdl, sparse), key=lambda r: r["width"])
+            s = feature_splitting(narrow["_sae"], wide["_sae"], threshold=0.5).summary()
+            row |= {k: s[k] for k in ("wide_best_cos_mean", "frac_split", "frac_vanished",
+                                      "wide_n_split_mean")}
+        out.append(row)
+    return out
+
+
 def plot_curves(args, cv: dict[float, list[dict]], raw_bits: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for t, pts in cv.items():
@@ -261,6 +286,9 @@ def main(argv=None) -> dict:
             shape_rows.append({"level": t, "which": name, "width": r["width"], "k": r["k_hi"],
                                "dl_at_level": r["dl_at_level"]} | r["shapes"])
     write_csv(args.out / "shapes.csv", shape_rows)
+    split = splitting_rows(args, table, cv)
+    if split:
+        write_csv(args.out / "splitting.csv", split)
     plot_features(panels, test, args.out / "features.png")
 
     # keep the DL honest: code the loosest level's optimal SAE's test latents for real
@@ -276,7 +304,7 @@ def main(argv=None) -> dict:
         "train_size": len(train), "test_size": len(test), "training": train_kwargs(args)
         or "train_sae default (converged)", "precision_tolerance": args.tolerance,
         "curves": {str(t): pts for t, pts in cv.items()},
-        "shapes": shape_rows, "raw_bits_per_image": raw_bits,
+        "shapes": shape_rows, "splitting": split, "raw_bits_per_image": raw_bits,
         "codec_check": {"level": opt["level"], "width": opt["width"], "k": opt["k_hi"],
                         "dl": rep.bits_per_input, "codec_payload_bits": payload},
         "n_saes_trained": len(trained), "seconds": time.perf_counter() - t0,
@@ -295,6 +323,16 @@ def main(argv=None) -> dict:
               f"{s['dl_at_level']:5.0f}  {s['median_memorisation']:12.2f}  "
               f"{s['median_area']:4.0f}  {s['median_elongation']:10.1f}  {s['majority']} "
               f"({100 * s['frac_' + s['majority']]:.0f}%)")
+    for r in split:
+        msg = (f"FVU_q≤{r['level']:g}: MDL selects F={r['mdl_width']} (L0 {r['mdl_l0']:.1f}, "
+               f"{r['mdl_dl']:.0f} bits); sparsity-first F={r['sparse_width']} (L0 "
+               f"{r['sparse_l0']:.1f}, {r['sparse_dl']:.0f} bits)")
+        if "frac_split" in r:
+            msg += (f"; the narrower one's features split in the wider one: "
+                    f"{100 * r['frac_split']:.0f}% into >=2 (mean {r['wide_n_split_mean']:.2f}), "
+                    f"{100 * r['frac_vanished']:.0f}% vanish, best cosine "
+                    f"{r['wide_best_cos_mean']:.2f}")
+        print(msg)
     print(f"\nraw pixels at the same tolerance: {raw_bits:.0f} bits/image; codec payload of the "
           f"FVU_q≤{opt['level']:g} optimum: {payload:.1f} bits/image (DL {rep.bits_per_input:.1f})")
     print(f"wrote {args.out}/ ({len(trained)} SAEs) in {summary['seconds']:.0f} s")
