@@ -23,7 +23,9 @@ are not counted.
 Prints ``name: ours X, baseline Y, ratio Z`` lines (ratio = ours / baseline, as in every
 benchmark here: below 1 is better) and, per benchmark, the growth exponent of ours
 (``cost ∝ size^e`` between the smallest and largest size). Default run about 2 minutes;
-``--full`` adds larger sizes.
+``--full`` adds larger sizes. ``--real`` (not in ``make bench``): a SAELens-sized SAE
+(d_in 768, d_sae 24,576) scored and trained from 200,000 rows in shards on disk, see
+``_scale_real.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _scale_real
 from _harness import Bench, add_args
 
 BENCH: Bench  # set in main()
@@ -149,7 +152,11 @@ def _eig(variant: str, d_model: int) -> dict[str, float]:
     return _measure(ours if variant == "ours" else baseline)
 
 
-WORKERS = {"stream": _stream, "dl": _dl, "eig": _eig}
+def _real(variant: str, **args) -> dict[str, float]:
+    return _scale_real.worker(variant, measure=_measure, **args)
+
+
+WORKERS = {"stream": _stream, "dl": _dl, "eig": _eig, "real": _real}
 
 
 def _worker(argv: list[str]) -> None:
@@ -265,9 +272,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="larger sizes (several minutes)")
     ap.add_argument("--only", choices=sorted(WORKERS), default=None)
-    args = add_args(ap, rounds=2).parse_args()
+    ap.add_argument("--real", action="store_true", help="SAELens-sized SAE on shards on disk "
+                    "(hours on one core; see _scale_real.py for its own options)")
+    args, rest = add_args(ap, rounds=2).parse_known_args()
     global BENCH
     BENCH = Bench("bench_scale: time and peak RSS against size", args)
+    if args.real:
+        _scale_real.bench_real(rest, lambda *a, **k: _run(*a, timeout=None, **k), BENCH)
+        return BENCH.finish()
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     for name, fn in (("stream", bench_stream), ("dl", bench_dl), ("eig", bench_eig)):
         if args.only in (None, name):
             fn(args.full)
