@@ -18,7 +18,6 @@ In a transformer, ``x`` is the MLP's *input*, i.e. the residual stream after ``l
 from __future__ import annotations
 
 import functools
-import math
 import operator
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -151,10 +150,12 @@ def folded_weights(
 # interaction matrices
 
 
-def _form_q(L: Tensor, R: Tensor, C: Tensor, scratch: Tensor | None = None) -> Tensor:
+def _form_q(
+    L: Tensor, R: Tensor, C: Tensor, scratch: Tensor | None = None, out: Tensor | None = None
+) -> Tensor:
     """``sym(L diag(c) Rᵀ)`` for each row ``c`` of ``C [n, h]`` → ``[n, d, d]``, one GEMM each."""
     n, d = C.shape[0], L.shape[0]
-    Q = L.new_empty(n, d, d)
+    Q = L.new_empty(n, d, d) if out is None else out
     scratch = L.new_empty(L.shape) if scratch is None else scratch
     R_T = R.T
     for i in range(n):
@@ -207,9 +208,7 @@ def _sort_by_abs(
 
 
 _LAPACK = {np.dtype(np.float32): "s", np.dtype(np.float64): "d"}
-# Directions whose Q(u) is formed and solved at once (rounded up for alignment, see
-# _eigen_into): the memory beyond the output is about twice that many [d, d] matrices
-# (Q and eigh's copy of it) plus eigh's workspace
+# Most directions whose Q(u) is formed and solved at once (see _eigen_into)
 _EIGH_BATCH = 8
 
 
@@ -285,10 +284,18 @@ def _topk_eigh_one(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return w, V.numpy()
 
 
-def _eigh_chunk(Q: Tensor, k: int | None, out: Eigen | None = None) -> Eigen:
+def _eigh_chunk(
+    Q: Tensor, k: int | None, out: Eigen | None = None, work: Tensor | None = None
+) -> Eigen:
+    """Eigenpairs of each ``Q [n, d, d]`` sorted by ``|λ|`` (the top ``k``), into ``out`` if
+    given. ``work`` (``n·d²`` elements): where the full ``eigh`` computes its vectors."""
     d = Q.shape[-1]
     if k is None or k >= d:
-        values, vectors = torch.linalg.eigh(Q)
+        if work is None:
+            values, vectors = torch.linalg.eigh(Q)
+        else:  # batched column-major, as eigh's own output, but placed by the caller
+            values, vectors = Q.new_empty(Q.shape[:-1]), work.view(Q.shape).mT
+            torch.linalg.eigh(Q, out=(values, vectors))
         return _sort_by_abs(values, vectors.mT, None if k is None else k, out)
     Qn = Q.cpu().numpy()
     ws, vs = [], []
@@ -359,22 +366,34 @@ def _eigen_into(
     L: Tensor, R: Tensor, C: Tensor, k: int | None, out: Eigen, scratch: Tensor, d_out: int
 ) -> None:
     """Eigenpairs of ``Q(c)`` for each row of ``C [c, h]``, written into ``out`` (``[c, k]``,
-    ``[c, k, d]``). ``Q`` is formed and solved a few directions at a time (fewer for a small
-    ``d_out``), so the memory beyond ``out`` is a few ``[d, d]`` matrices, not ``[c, d, d]``.
+    ``[c, k, d]``). ``Q`` is formed and solved ``max(1, min(8, d_out // 16))`` directions at
+    a time, so the memory beyond ``out`` is about ``d_out / 8 + 2`` ``[d, d]`` matrices (Q,
+    eigh's vectors, its workspace): under a quarter of the bilinear tensor's ``d_out·d²``.
 
-    Same bits as solving the whole chunk at once: every matrix has its own GEMM and LAPACK
-    call, but LAPACK's vector kernels round differently with a matrix's address alignment,
-    so each batch starts at a multiple of ``align`` matrices, where the position in the
-    chunk has the same alignment (mod 64 bytes, torch's CPU allocation alignment)."""
+    The same bits as solving the whole chunk in one batch, as this did before: every matrix
+    has its own GEMM and LAPACK call, and LAPACK's vector kernels round differently with a
+    matrix's address alignment, so each batch's Q and eigenvectors are placed at the
+    alignment (mod 64 bytes) the same matrices had in a whole-chunk batch."""
     d = L.shape[0]
-    align = 64 // math.gcd(d * d * L.element_size(), 64)
-    want = max(1, min(_EIGH_BATCH, d_out // 16))
-    batch = align * -(-want // align)
+    size = d * d * L.element_size()
+    full = k is None or k >= d
+    batch = max(1, min(_EIGH_BATCH, d_out // 16))
     for s in range(0, C.shape[0], batch):
         rows = slice(s, s + batch)
-        Q = _form_q(L, R, C[rows], scratch)
-        _eigh_chunk(Q, k, Eigen(out.values[rows], out.vectors[rows]))
-        del Q
+        m = C[rows].shape[0]
+        Q = _form_q(L, R, C[rows], scratch, out=_aligned(L, m * d * d, s * size).view(m, d, d))
+        work = _aligned(L, m * d * d, s * size) if full else None
+        _eigh_chunk(Q, k, Eigen(out.values[rows], out.vectors[rows]), work)
+        del Q, work
+
+
+def _aligned(like: Tensor, numel: int, offset_bytes: int) -> Tensor:
+    """A flat buffer of ``numel`` elements whose address is ``offset_bytes`` mod 64: where
+    the matrix at that byte offset of a fresh batch (64-byte aligned) would sit."""
+    item = like.element_size()
+    buf = like.new_empty(numel + 64 // item)
+    shift = (offset_bytes - buf.data_ptr()) % 64 // item
+    return buf[shift : shift + numel]
 
 
 def _new_eigen(L: Tensor, n: int, k: int | None) -> Eigen:
