@@ -122,6 +122,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--only", choices=["mnist", "lm"], default=None)
+    ap.add_argument("--widths", default=None, help="MNIST widths, e.g. 128,512")
     a = add_args(ap, rounds=1).parse_args()
     a.steps = a.steps or (3000 if a.full else 1500)
     seeds = range(a.seeds or (3 if a.full else 1))
@@ -132,12 +133,14 @@ def main() -> int:
     cases = []
     if a.only in (None, "mnist"):
         train, test = mnist(a.train)
-        for width in ((128, 512) if a.full else (128,)):
-            cases.append((f"mnist w{width}", train, test, width,
-                          (6, 8, 12, 16, 24, 32, 48, 64)))
+        widths = (128, 512) if a.full else (128,)
+        if a.widths:
+            widths = tuple(int(w) for w in a.widths.split(","))
+        for width in widths:
+            cases.append((f"mnist w{width}", train, test, width, (8, 12, 16, 24, 32, 48)))
     if a.only in (None, "lm"):
         train, test = lm_residual(64 * 1024 if a.full else 32 * 1024)
-        cases.append(("lm resid w512", train, test, 512, (4, 6, 8, 12, 16, 24, 32)))
+        cases.append(("lm resid w512", train, test, 512, (4, 6, 8, 12, 16, 24)))
     for name, train, test, width, ks in cases:
         t0 = time.perf_counter()
         runs = [one_seed(train, test, width, ks, s, a) for s in seeds]

@@ -17,8 +17,9 @@ is ``Σ_i c_i · [f_{n,i} > 0]`` averaged over the batch; its value is reported 
 estimate ``Σ_i H_b(p̂_i) + p̂_i H_i`` of the DL. ``[f > 0] = [pre > θ_i]`` has no gradient;
 its straight-through estimate moves the threshold (Rajamanoharan et al. 2024, "Jumping
 Ahead"): ``∂/∂θ_i ≈ −(1/ε) Σ_n K((pre_{n,i} − θ_i)/ε)`` with a rectangle kernel ``K`` of
-width ``ε``, here estimated from the active side alone (``2 · #{θ_i < f ≤ θ_i + ε/2}``,
-as the latents carry no value below the threshold). ``ε = w``, the bin width at which
+width ``ε`` (counted on the pre-activations when this objective encoded the batch; from
+latents alone, e.g. gathered across ranks, from the active side, ``2 · #{θ_i < f ≤ θ_i +
+ε/2}``, as latents carry no value below the threshold). ``ε = w``, the bin width at which
 uniform rounding noise uses up the precision ``tolerance`` (see
 :func:`~tl_mdl.training.objectives.surrogate_bin_width`): the precision the search will
 choose, so thresholds move on the scale the code resolves. The SAE's own JumpReLU
@@ -47,7 +48,7 @@ from torch import Tensor
 
 from tl_mdl._sparse import topk
 from tl_mdl.sae import SAE
-from tl_mdl.training.objectives import batch_fvu, smooth_mdl, surrogate_bin_width
+from tl_mdl.training.objectives import batch_fvu, smooth_mdl
 
 _TWO_PI_E = 2 * math.pi * math.e
 
@@ -56,25 +57,49 @@ def default_warm_start_k(d_sae: int) -> int:
     return max(1, min(d_sae // 8, 64))
 
 
-class _Presence(torch.autograd.Function):
-    """Value: the batch DL estimate; gradient: per-firing costs through the thresholds."""
+class _JumpCode(torch.autograd.Function):
+    """JumpReLU ``f = pre · [pre > θ]`` that also leaves, in ``box``, what the code length
+    needs (the float mask ``active = [pre > θ]`` and the columns of the entries with
+    ``|pre − θ| < ε/2``, which are few), so the objective reads its statistics without
+    another pass over the latents. Backward: ``pre`` gets the gradient where active; ``θ``
+    the straight-through ``−(θ/ε) Σ_n K((pre − θ)/ε) · grad``. (Masks as floats and the
+    near entries as indices: on CPU, reductions and products of boolean ``[B, F]`` tensors
+    convert them first, several times slower.)"""
 
     @staticmethod
-    def forward(ctx, latents: Tensor, threshold: Tensor, cost: Tensor, value_bits: Tensor,
-                eps: float) -> Tensor:
-        active = latents > 0
-        b = latents.shape[0]
-        near = (active & (latents <= threshold + eps / 2)).sum(0).to(latents.dtype)
+    def forward(ctx, pre: Tensor, threshold: Tensor, eps: float, box: dict) -> Tensor:
+        d = pre - threshold
+        active = torch.relu(d).sign_()
+        rows, cols = (d.abs_() < eps / 2).nonzero(as_tuple=True)
+        ctx.save_for_backward(active, rows, cols, threshold)
+        ctx.eps = eps
+        box.update(active=active, near_cols=cols)
+        return pre * active
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        active, rows, cols, threshold = ctx.saved_tensors
+        near_grad = g.new_zeros(threshold.shape).index_add_(0, cols, g[rows, cols])
+        return g * active, -(threshold / ctx.eps) * near_grad, None, None
+
+
+class _Presence(torch.autograd.Function):
+    """Value: the batch DL estimate ``Σ_i H_b(p̂_i) + p̂_i H_i``; gradient to the thresholds:
+    ``−cost_i · #near_i / (ε B)`` (the straight-through estimate of ``∂p̂_i/∂θ_i`` times the
+    cost of a firing)."""
+
+    @staticmethod
+    def forward(ctx, threshold: Tensor, p: Tensor, near: Tensor, cost: Tensor,
+                value_bits: Tensor, scale: float) -> Tensor:
         ctx.save_for_backward(near, cost)
-        ctx.scale = 2.0 / (eps * b)
-        p = active.sum(0).to(latents.dtype) / b
+        ctx.scale = scale
         hb = -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p)) / math.log(2)
         return (hb + p * value_bits).sum()
 
     @staticmethod
     def backward(ctx, g: Tensor):
         near, cost = ctx.saved_tensors
-        return None, -g * ctx.scale * cost * near, None, None, None
+        return -g * ctx.scale * cost * near, None, None, None, None, None
 
 
 class CodeLengthObjective:
@@ -95,6 +120,7 @@ class CodeLengthObjective:
         self.h: Tensor | None = None  # running value bits per firing [d_sae]
         self.w: float | None = None  # the last bin width
         self.warm = False
+        self._box: dict[str, Any] = {}  # the masks of the latents encode returned last
 
     # ------------------------------------------------------------------ the trainer's hooks
     @staticmethod
@@ -113,9 +139,16 @@ class CodeLengthObjective:
             pre = sae.encode_pre(x)
             values, idx = topk(pre, self.warm_k(sae))
             return torch.zeros_like(pre).scatter(-1, idx, torch.relu(values))
-        if self.applies(sae) and self.w is not None:
-            sae.jumprelu_bandwidth = self.w  # the straight-through kernel's width ε
-        return sae.encode(x)
+        if not self.applies(sae):
+            return sae.encode(x)
+        eps = sae.jumprelu_bandwidth if self.w is None else self.w
+        x = x.to(sae.W_enc.dtype)
+        if sae.cfg.apply_b_dec_to_input:
+            x = x - sae.b_dec
+        box: dict[str, Any] = {}
+        latents = _JumpCode.apply(torch.addmm(sae.b_enc, x, sae.W_enc), sae.threshold, eps, box)
+        self._box = {"latents": latents, "eps": eps, **box}
+        return latents
 
     @torch.no_grad()
     def end_warm_start(self, sae: Any, x: Tensor) -> None:
@@ -138,7 +171,7 @@ class CodeLengthObjective:
             sae.threshold.clamp_(min=0)
 
     def finish(self, sae: Any) -> None:
-        sae.__dict__.pop("jumprelu_bandwidth", None)  # back to the class default
+        self._box = {}
 
     def state_dict(self) -> dict[str, Tensor]:
         out = {"warm": torch.tensor(float(self.warm))}
@@ -160,20 +193,34 @@ class CodeLengthObjective:
             return rec, {"fvu": float(rec.detach())}
         if not self.applies(sae):
             return smooth_mdl(sae, x, latents, x_hat, sparsity, tolerance)
-        # held-out evaluations run without gradients and leave the running means alone
-        cost, value_bits, w = self._costs(sae, x, latents, tolerance, torch.is_grad_enabled())
-        dl = _Presence.apply(latents.detach(), sae.threshold, cost, value_bits, w)
+        box, self._box = self._box, {}
+        with torch.no_grad():
+            if box.get("latents") is latents:  # encoded here: the masks are at hand
+                eps, count = box["eps"], box["active"].sum(0)
+                near_count = torch.bincount(box["near_cols"], minlength=latents.shape[1])
+            else:  # e.g. gathered across ranks: from the latents, one-sided kernel
+                eps = sae.jumprelu_bandwidth if self.w is None else self.w
+                active = latents > 0
+                count = active.sum(0)
+                near_count = 2 * (active & (latents <= sae.threshold + eps / 2)).sum(0)
+            # held-out evaluations run without gradients and leave the running means alone
+            cost, value_bits, w = self._costs(sae, x, latents, count.to(latents.dtype),
+                                              tolerance, torch.is_grad_enabled())
+        n = latents.shape[0]
+        p = count.to(latents.dtype) / n
+        dl = _Presence.apply(sae.threshold, p, near_count.to(latents.dtype), cost, value_bits,
+                             1.0 / (eps * n))
         return rec + sparsity * dl, {"fvu": float(rec.detach()), "dl_bits": float(dl.detach())}
 
-    @torch.no_grad()
-    def _costs(self, sae, x, latents, tolerance, update: bool) -> tuple[Tensor, Tensor, float]:
-        w_t = surrogate_bin_width(sae, x, latents, tolerance)
-        w = float(w_t)
-        active = latents > 0
-        count = active.sum(0).to(latents.dtype)
+    def _costs(self, sae, x, latents, count, tolerance, update: bool
+               ) -> tuple[Tensor, Tensor, float]:
+        tv = (x - x.mean(0)).pow(2).sum()
+        energy = (count * sae.W_dec.pow(2).sum(1)).sum().clamp_min(1e-12)
+        w = float(torch.sqrt(12 * tolerance * tv / energy))  # = surrogate_bin_width
         n = latents.shape[0]
         mean = latents.sum(0) / count.clamp_min(1)
-        var = (latents.pow(2).sum(0) / count.clamp_min(1) - mean.pow(2)).clamp_min(1e-30)
+        sq = (latents * latents).sum(0)
+        var = (sq / count.clamp_min(1) - mean.pow(2)).clamp_min(1e-30)
         h_batch = (0.5 * torch.log2(_TWO_PI_E * var) - math.log2(w)).clamp_min(0)
         if self.p is None or self.h is None:
             self.p = ((count + 0.5) / (n + 1)).to(torch.float32)
