@@ -45,7 +45,7 @@ def known():
 @pytest.fixture(scope="module")
 def trained(known):
     x = known[0]
-    return train_sae(x, SAEConfig(d_in=16, d_sae=32), "mdl", target_fvu=0.1, steps=1500,
+    return train_sae(x, SAEConfig(d_in=16, d_sae=32), "mdl", target_fvu=0.1, steps=2500,
                      lr=3e-3, progress=False, return_history=True)
 
 

@@ -61,20 +61,20 @@ def test_resume_reaches_the_same_weights(data, tmp_path, objective, act, k):
         pass
 
     calls = {"n": 0}
-    orig = SAE.encode
+    orig = SAE.decode  # called once per step by every objective (encoders differ)
 
-    def boom(self, x):
+    def boom(self, f):
         calls["n"] += 1
         if calls["n"] == 21:
             raise Stop
-        return orig(self, x)
+        return orig(self, f)
 
-    SAE.encode = boom
+    SAE.decode = boom
     try:
         with pytest.raises(Stop):
             train_sae(data, cfg, objective, checkpoint_dir=ck3, checkpoint_every=10, **kw)
     finally:
-        SAE.encode = orig
+        SAE.decode = orig
     meta, _ = load_checkpoint(ck3)
     assert meta["step"] == 20
     resumed = train_sae(data, cfg, objective, checkpoint_dir=ck3, checkpoint_every=10, **kw)

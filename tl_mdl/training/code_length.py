@@ -18,8 +18,8 @@ estimate ``Σ_i H_b(p̂_i) + p̂_i H_i`` of the DL. ``[f > 0] = [pre > θ_i]`` h
 its straight-through estimate moves the threshold (Rajamanoharan et al. 2024, "Jumping
 Ahead"): ``∂/∂θ_i ≈ −(1/ε) Σ_n K((pre_{n,i} − θ_i)/ε)`` with a rectangle kernel ``K`` of
 width ``ε`` (counted on the pre-activations when this objective encoded the batch; from
-latents alone, e.g. gathered across ranks, from the active side, ``2 · #{θ_i < f ≤ θ_i +
-ε/2}``, as latents carry no value below the threshold). ``ε = w``, the bin width at which
+latents alone, from the active side, ``2 · #{θ_i < f ≤ θ_i + ε/2}``, as latents carry
+no value below the threshold). ``ε = w``, the bin width at which
 uniform rounding noise uses up the precision ``tolerance`` (see
 :func:`~tl_mdl.training.objectives.surrogate_bin_width`): the precision the search will
 choose, so thresholds move on the scale the code resolves. The SAE's own JumpReLU
@@ -44,6 +44,7 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from tl_mdl._sparse import topk
@@ -194,18 +195,24 @@ class CodeLengthObjective:
         if not self.applies(sae):
             return smooth_mdl(sae, x, latents, x_hat, sparsity, tolerance)
         box, self._box = self._box, {}
+        # held-out evaluations run without gradients and leave the running means alone
+        update = torch.is_grad_enabled()
         with torch.no_grad():
             if box.get("latents") is latents:  # encoded here: the masks are at hand
                 eps, count = box["eps"], box["active"].sum(0)
                 near_count = torch.bincount(box["near_cols"], minlength=latents.shape[1])
-            else:  # e.g. gathered across ranks: from the latents, one-sided kernel
+            elif "near_cols" in box and dist.is_initialized():  # latents gathered across
+                # ranks, each rank encoded its own rows: sum the ranks' near counts
+                eps, count = box["eps"], (latents > 0).sum(0)
+                near_count = torch.bincount(box["near_cols"], minlength=latents.shape[1])
+                dist.all_reduce(near_count)
+            else:  # latents from elsewhere: the one-sided kernel on the latents
                 eps = sae.jumprelu_bandwidth if self.w is None else self.w
                 active = latents > 0
                 count = active.sum(0)
                 near_count = 2 * (active & (latents <= sae.threshold + eps / 2)).sum(0)
-            # held-out evaluations run without gradients and leave the running means alone
             cost, value_bits, w = self._costs(sae, x, latents, count.to(latents.dtype),
-                                              tolerance, torch.is_grad_enabled())
+                                              tolerance, update)
         n = latents.shape[0]
         p = count.to(latents.dtype) / n
         dl = _Presence.apply(sae.threshold, p, near_count.to(latents.dtype), cost, value_bits,
