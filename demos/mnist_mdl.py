@@ -258,7 +258,8 @@ def plot_features(panels: list[tuple[str, dict]], images, path: Path, n: int = 1
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="") as fh:
-        cols = [k for k in rows[0] if not k.startswith("_") and k != "sae"]
+        cols = [k for k in rows[0]
+                if not k.startswith("_") and k not in ("sae", "settings", "grid_index")]
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
