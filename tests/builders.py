@@ -93,11 +93,27 @@ def assert_close_f32(actual: torch.Tensor, expected: torch.Tensor, *, terms: int
 
 def tiny_model(act_fn: str = "gelu", gated: bool = False, seed: int = 0, **kw) -> Any:
     """2 layers, d_model 16, 2 heads of 8, d_mlp 32, vocab 50, n_ctx 16; ``kw`` overrides.
-    A TL 3.9 ``HookedTransformer`` (the test is skipped on TransformerLens 4)."""
-    HookedTransformer, HookedTransformerConfig = require_hooked_transformer()
+    A TL 3.9 ``HookedTransformer``; on TransformerLens 4 the same architecture as a native
+    ``TransformerBridge`` (``boot_native``), so the tests run on the bridge there."""
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:
+        return tiny_bridge(act_fn, gated, seed, **kw)
     cfg = dict(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=16,
                act_fn=act_fn, gated_mlp=gated, seed=seed)
     model = HookedTransformer(HookedTransformerConfig(**{**cfg, **kw}))
+    model.eval()
+    return model
+
+
+def tiny_bridge(act_fn: str = "gelu", gated: bool = False, seed: int = 0, **kw) -> Any:
+    """:func:`tiny_model`'s architecture as a native ``TransformerBridge`` (``boot_native``)."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = dict(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=50, n_ctx=16,
+               act_fn=act_fn, gated_mlp=gated, seed=seed)
+    model = TransformerBridge.boot_native(TransformerBridgeConfig(**{**cfg, **kw}))
     model.eval()
     return model
 

@@ -153,6 +153,41 @@ def test_spliced_logits_agree_with_hooked_transformer(gpt2, toks):
         assert_close_f32(outs[0], outs[1], terms=4 * D_MODEL)
 
 
+def test_llama_as_hooked_transformer_and_bridge(toks):
+    """TL 3.9: the same Llama weights as a HookedTransformer (converted from the local HF
+    model) and as a bridge give the same logits, spliced logits and bilinear layers."""
+    HookedTransformer, HookedTransformerConfig = require_hooked_transformer()
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    torch.manual_seed(2)
+    hcfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=N_CTX)
+    hf = transformers.LlamaForCausalLM(hcfg).eval()
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=D_MODEL, n_heads=4, d_head=8, d_mlp=48, d_vocab=VOCAB, n_ctx=N_CTX,
+        act_fn="silu", gated_mlp=True, normalization_type="RMS", eps=hcfg.rms_norm_eps,
+        positional_embedding_type="rotary", rotary_dim=8, n_key_value_heads=2, final_rms=True,
+        original_architecture="LlamaForCausalLM")
+    ht = HookedTransformer(cfg)
+    ht.load_state_dict(convert_llama_weights(hf, cfg), strict=False)
+    ht.eval()
+    bridge = bridge_of(hf)
+    sae = random_sae(D_MODEL, seed=9)
+    with torch.no_grad():
+        assert_close_f32(ht(toks), bridge(toks), terms=4 * 48)
+        outs = []
+        for model in (ht, bridge):
+            with attach_sae(model, "blocks.1.hook_resid_pre", sae):
+                outs.append(model(toks))
+        assert_close_f32(outs[0], outs[1], terms=4 * 48)
+        outs = []
+        for model in (ht, bridge):
+            with to_bilinear(model):
+                outs.append(model(toks))
+        assert_close_f32(outs[0], outs[1], terms=4 * 48)
+
+
 def test_hook_names_keyed_as_given(llama, toks):
     bridge, _ = llama
     sae = random_sae(D_MODEL, seed=5)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import edit_model_cfg, tiny_model
+from builders import edit_model_cfg, require_hooked_transformer, tiny_model
 
 from tl_mdl.models import load_model, save_model
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
+    require_hooked_transformer()  # model folders hold HookedTransformers
     root = tmp_path_factory.mktemp("models")
     save_model(tiny_model(n_layers=1), root / "model")
     return root

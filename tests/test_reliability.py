@@ -405,10 +405,13 @@ def test_store_cache_streams_with_sharded_activations(tmp_path, model, tokens):
 
 # ------------------------------------------------------------------- hooks never leak
 def hook_count(model) -> int:
-    """Every hook on every module (HookPoint bookkeeping and raw torch hooks)."""
+    """Every hook on every module (HookPoint bookkeeping and raw torch hooks), without a
+    bridge's own wiring (the capture hooks a TransformerBridge keeps on what it wraps)."""
+    from tl_mdl._tl import user_forward_hooks
+
     n = 0
     for mod in model.modules():
-        n += len(mod._forward_hooks) + len(mod._forward_pre_hooks) + len(mod._backward_hooks)
+        n += len(user_forward_hooks(mod)) + len(mod._backward_hooks)
         n += len(getattr(mod, "fwd_hooks", [])) + len(getattr(mod, "bwd_hooks", []))
     return n
 

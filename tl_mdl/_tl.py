@@ -29,8 +29,8 @@ from transformer_lens.hook_points import HookPoint  # both lines
 __all__ = [
     "HookPoint", "hooked_transformer", "hooked_transformer_config", "is_bridge",
     "is_hooked_transformer", "refresh_hooks", "add_named_hooks", "remove_named_hooks",
-    "hook_aliases", "named_hooks", "GatedParts", "gated_mlp_parts", "mlp_activation",
-    "set_mlp_activation", "IDENTITY_ACTS",
+    "hook_aliases", "named_hooks", "user_forward_hooks", "GatedParts", "gated_mlp_parts",
+    "mlp_activation", "set_mlp_activation", "IDENTITY_ACTS",
 ]
 
 _TL4_HINT = (
@@ -117,6 +117,18 @@ def remove_named_hooks(model: Any, parent: HookPoint, prefix: str, names: list[s
             model._hook_registry.pop(f"{prefix}.{name}", None)
     else:
         refresh_hooks(model)
+
+
+def _bridge_owned(fn: Any) -> bool:
+    """A hook a ``TransformerBridge`` installs on its own modules (its capture wiring), not a
+    user's: defined inside ``transformer_lens.model_bridge``."""
+    return getattr(fn, "__module__", "").startswith("transformer_lens.model_bridge")
+
+
+def user_forward_hooks(module: nn.Module) -> list[Callable]:
+    """``module``'s forward and pre-forward hooks, without a bridge's own wiring."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return [fn for fn in hooks if not _bridge_owned(fn)]
 
 
 @contextmanager

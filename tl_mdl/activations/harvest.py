@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_mdl._tl import named_hooks
+from tl_mdl._tl import named_hooks, user_forward_hooks
 from tl_mdl.hooks.names import hook_layer
 
 
@@ -115,5 +115,6 @@ def model_fingerprint(model: Any, tokens: Tensor, settings: list[Any]) -> str:
 
 def model_hooked(model: Any) -> bool:
     """Whether any module of the model has a forward hook (an attached SAE, a user hook):
-    their effect on the activations is not part of :func:`model_fingerprint`."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    their effect on the activations is not part of :func:`model_fingerprint`. A bridge's own
+    wiring (hooks it installs on the modules it wraps) does not count."""
+    return any(user_forward_hooks(m) for m in model.modules())

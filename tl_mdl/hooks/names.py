@@ -109,12 +109,17 @@ HEAD_HOOKS = ("hook_z", "hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k"
 def flatten_heads(x: Tensor, d_in: int, hook_name: str) -> Tensor:
     """``[..., d_in]`` unchanged; at a head-indexed hook (:data:`HEAD_HOOKS`),
     ``[..., n_heads, d_head]`` with ``n_heads·d_head = d_in`` flattened to ``[..., d_in]``
-    (SAELens's hook_z convention). Any other shape raises (never mixes other axes)."""
+    (SAELens's hook_z convention), and a bridge's flat ``[batch, pos, n_heads·d_head]``
+    split into heads for a per-head SAE. Any other shape raises (never mixes other axes)."""
     if x.shape[-1] == d_in:
         return x
     heads = hook_name.rsplit(".", 1)[-1] in HEAD_HOOKS
     if heads and x.ndim >= 2 and x.shape[-2] * x.shape[-1] == d_in:
         return x.flatten(-2)
+    if heads and x.ndim == 3 and x.shape[-1] % d_in == 0:
+        # a bridge's hook_z is [batch, pos, n_heads·d_head]: a per-head SAE (d_in = d_head,
+        # checked by check_sae_fits) sees [batch, pos, n_heads, d_head]
+        return x.unflatten(-1, (x.shape[-1] // d_in, d_in))
     raise ValueError(
         f"activation at {hook_name!r} has shape {tuple(x.shape)}, which does not fit an SAE "
         f"with d_in={d_in}: the last dim is {x.shape[-1]}"
