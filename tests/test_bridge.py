@@ -428,3 +428,41 @@ def test_boot_native_gated_bridge(toks):
     with attach_sae(bridge, "blocks.1.hook_resid_pre", random_sae(D_MODEL), mode="splice_error"):
         assert torch.equal(bridge(toks), before[1])
     _assert_unchanged(bridge, toks, before)
+
+
+def test_cli_decompose_reads_a_hugging_face_folder(tmp_path):
+    """``tl-mdl decompose`` on a saved Hugging Face Llama: with ``hidden_act="linear"`` its
+    gated MLP is bilinear (biases inside) and the saved eigenpairs reproduce the layer; with
+    SiLU the CLI refuses, naming the conversion."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from tl_mdl.cli import app
+    from tl_mdl.models import load_model
+
+    torch.manual_seed(4)
+    for act in ("linear", "silu"):
+        cfg = transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=N_CTX,
+            mlp_bias=True, hidden_act=act)
+        hf = transformers.LlamaForCausalLM(cfg).eval()
+        _randomise_biases(hf, 4)
+        hf.save_pretrained(tmp_path / act)
+    out = tmp_path / "eig.safetensors"
+    args = ["decompose", str(tmp_path / "linear"), "--layer", "0", "--index", "3,7",
+            "--top", str(D_MODEL + 1), "--out", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    saved = load_file(str(out))
+    bridge = load_model(tmp_path / "linear")
+    x, mlp_out = _mlp_io(bridge, 0, torch.randint(0, VOCAB, (2, 8)))
+    U = saved["directions"].double()
+    b_out = bridge.blocks[0].mlp.b_out.detach().double()
+    xt = torch.cat([x.double(), torch.ones(*x.shape[:-1], 1, dtype=torch.float64)], -1)
+    proj = torch.einsum("...d,nkd->...nk", xt, saved["vectors"].double())
+    lhs = (proj.square() * saved["values"].double()).sum(-1)
+    rhs = (mlp_out.double() - b_out) @ U.T
+    assert (lhs - rhs).abs().max() <= 1e-5 * max(1.0, float(rhs.abs().max()))
+    r = CliRunner().invoke(app, ["decompose", str(tmp_path / "silu"), "--layer", "0"])
+    assert r.exit_code != 0 and "to_bilinear" in r.output

@@ -30,7 +30,7 @@ __all__ = [
     "HookPoint", "hooked_transformer", "hooked_transformer_config", "is_bridge",
     "is_hooked_transformer", "refresh_hooks", "add_named_hooks", "remove_named_hooks",
     "hook_aliases", "named_hooks", "user_forward_hooks", "GatedParts", "gated_mlp_parts",
-    "mlp_activation", "set_mlp_activation", "IDENTITY_ACTS",
+    "mlp_activation", "set_mlp_activation", "IDENTITY_ACTS", "is_identity",
 ]
 
 _TL4_HINT = (
@@ -189,8 +189,23 @@ def set_mlp_activation(mlp: nn.Module, act: Callable) -> Callable:
     return old
 
 
-def _is_identity(act: Any) -> bool:
-    return act in IDENTITY_ACTS or isinstance(act, nn.Identity)
+#: Probe for :func:`is_identity`: negatives, zero, small and large values, in float64.
+_PROBE = torch.tensor([-7.5, -1.0, -0.25, 0.0, 1e-3, 0.5, 3.0, 1e4], dtype=torch.float64)
+
+
+def is_identity(act: Any) -> bool:
+    """Whether the activation ``act`` is the identity, by behaviour (a Hugging Face
+    ``hidden_act="linear"``, ``nn.Identity``, tl_mdl's own): it returns a probe unchanged.
+    SiLU, GELU, ReLU and their kin all move some probe value."""
+    if act in IDENTITY_ACTS or isinstance(act, nn.Identity):
+        return True
+    try:
+        with torch.no_grad():
+            out = act(_PROBE.clone())
+    except Exception:  # an activation that cannot run on a probe is not known to be identity
+        return False
+    return isinstance(out, Tensor) and out.shape == _PROBE.shape and torch.equal(
+        out.to(torch.float64), _PROBE)
 
 
 @dataclass
@@ -247,7 +262,7 @@ def gated_mlp_parts(mlp: nn.Module) -> GatedParts | None:
     fn = getattr(act[0], act[1]) if act is not None else None
     return GatedParts(
         W_in, W_gate, W_out, bias("b_in", d_mlp), bias("b_gate", d_mlp), bias("b_out", d_model),
-        bias_inside=inside, bilinear=fn is not None and _is_identity(fn), act=fn,
+        bias_inside=inside, bilinear=fn is not None and is_identity(fn), act=fn,
     )
 
 

@@ -22,6 +22,7 @@ from tl_mdl.bilinear import BilinearMLP, to_bilinear
 
 MODEL_CFG = "model_cfg.json"
 MODEL_WEIGHTS = "model.safetensors"
+HF_CONFIG = "config.json"
 
 
 def _jsonable_cfg(cfg: Any) -> dict[str, Any]:
@@ -59,8 +60,11 @@ def save_model(model: Any, path: str | os.PathLike) -> Path:
 
 
 def load_model(path: str | os.PathLike, *, device: str | None = None) -> Any:
-    """Inverse of :func:`save_model`."""
+    """Inverse of :func:`save_model`. A Hugging Face model folder (``config.json``, from
+    ``save_pretrained``) loads instead as a ``TransformerBridge`` (TL 3.9 or 4), offline."""
     path = Path(path)
+    if not (path / MODEL_CFG).is_file() and (path / HF_CONFIG).is_file():
+        return load_hf_bridge(path, device=device)
     for f in (MODEL_CFG, MODEL_WEIGHTS):
         if not (path / f).is_file():
             raise FileNotFoundError(
@@ -100,3 +104,22 @@ def load_model(path: str | os.PathLike, *, device: str | None = None) -> Any:
     except RuntimeError as e:
         raise ValueError(f"{path / MODEL_WEIGHTS} does not match {path / MODEL_CFG}: {e}") from e
     return model.to(device) if device is not None else model
+
+
+def load_hf_bridge(path: str | os.PathLike, *, device: str | None = None) -> Any:
+    """A local Hugging Face causal-LM folder wrapped in a ``TransformerBridge``, with no
+    network access (``local_files_only``). A ``hidden_act="linear"`` gated MLP (e.g. Llama's)
+    is a bilinear layer with both biases inside, ready for :func:`tl_mdl.eigendecompose`."""
+    import transformers
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    path = Path(path)
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path} is not a loadable Hugging Face causal-LM folder: {e}") from e
+    hf.eval()
+    if device is not None:
+        hf.to(device)
+    arch = (getattr(hf.config, "architectures", None) or [type(hf).__name__])[0]
+    return build_bridge_from_module(hf, architecture=arch, hf_config=hf.config)

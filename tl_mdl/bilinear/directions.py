@@ -10,6 +10,7 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_mdl._tl import gated_mlp_parts
 from tl_mdl.bilinear.decompose import output_svd
 from tl_mdl.bilinear.mlp import BilinearMLP
 
@@ -25,14 +26,17 @@ class OutputDirections:
 
 
 def bilinear_mlp_at(model: Any, layer: int) -> BilinearMLP:
-    """The bilinear MLP of block ``layer`` (negative counts from the end); raises
+    """The bilinear MLP of block ``layer`` (negative counts from the end; a
+    :class:`BilinearMLP`, or any gated MLP whose activation is the identity, e.g. a bridge's);
+    raises
     ``ValueError`` for a layer out of range and ``TypeError``, naming the conversion, when
     that MLP is not bilinear."""
     n_layers = model.cfg.n_layers
     if not -n_layers <= layer < n_layers:
         raise ValueError(f"layer {layer} out of range: the model has n_layers={n_layers}")
     mlp = getattr(model.blocks[layer], "mlp", None)
-    if not isinstance(mlp, BilinearMLP):
+    parts = None if mlp is None else gated_mlp_parts(mlp)
+    if not isinstance(mlp, BilinearMLP) and (parts is None or not parts.bilinear):
         raise TypeError(
             f"the MLP of layer {layer} is {type(mlp).__name__}, not bilinear; convert it with "
             f"tl_mdl.to_bilinear(model, layers=[{layer}]) (and fine-tune with "
