@@ -132,21 +132,21 @@ def test_converged_and_targeted_training_resumes_exactly(tmp_path):
     class Stop(Exception):
         pass
 
-    import tl_mdl.training.trainer as trainer
+    from tl_mdl.training.loop import Run
 
-    real = trainer._Run.one_step
+    real = Run.one_step
 
     def crash(self, xb, step):
         if step == 47:
             raise Stop
         return real(self, xb, step)
 
-    trainer._Run.one_step = crash
+    Run.one_step = crash
     try:
         with pytest.raises(Stop):
             train_sae(x, cfg, "mdl", checkpoint_dir=tmp_path, checkpoint_every=20, **kw)
     finally:
-        trainer._Run.one_step = real
+        Run.one_step = real
     assert load_checkpoint(tmp_path)[0]["step"] == 40
     resumed = train_sae(x, cfg, "mdl", checkpoint_dir=tmp_path, checkpoint_every=20, **kw)
     assert resumed.steps == whole.steps and resumed.sparsity == whole.sparsity

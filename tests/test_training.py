@@ -234,21 +234,21 @@ def test_resume_with_more_steps_before_the_decay_matches_an_uninterrupted_run(tm
 def test_a_checkpoint_resumes_on_another_device(tmp_path, monkeypatch):
     """A run checkpointed on a GPU (its config says cuda) resumes on the CPU: the device is
     not part of what must match; the result equals an uninterrupted run."""
-    import tl_mdl.training.trainer as trainer
+    import tl_mdl.training.loop as loop  # where the run loads its checkpoint
 
     x = sparse_sums()
     cfg = SAEConfig(d_in=8, d_sae=16)
     kw = dict(batch_size=64, lr=3e-3, progress=False, lr_decay_frac=0.0,
               warm_start_frac=0.0)  # schedules of 4 and 8 steps: same from step 4 on
     train_sae(x, cfg, steps=4, checkpoint_dir=tmp_path, checkpoint_every=4, **kw)
-    real = trainer.load_checkpoint
+    real = loop.load_checkpoint
 
     def from_gpu(path):
         meta, tensors = real(path)
         meta["sae_cfg"]["device"] = "cuda:0"
         return meta, tensors
 
-    monkeypatch.setattr(trainer, "load_checkpoint", from_gpu)
+    monkeypatch.setattr(loop, "load_checkpoint", from_gpu)
     resumed = train_sae(x, cfg, steps=8, checkpoint_dir=tmp_path, checkpoint_every=4, **kw)
     whole = train_sae(x, cfg, steps=8, **kw)
     assert bitwise_equal(resumed, whole)

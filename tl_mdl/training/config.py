@@ -1,0 +1,98 @@
+"""One training run's settings (:class:`TrainConfig`, saved in checkpoints), what it
+returns (:class:`TrainResult`), and the checks of the settings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from tl_mdl.mdl import DEFAULT_TOLERANCE
+from tl_mdl.sae import SAE
+
+#: the default cap on steps when training runs until converged
+DEFAULT_MAX_STEPS = 20_000
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (saved in checkpoints)."""
+
+    objective: str = "mdl"
+    sparsity: float = 0.0  # λ of the penalty (mdl, l1; the start value with target_fvu)
+    tolerance: float = DEFAULT_TOLERANCE  # FVU tolerance the mdl surrogate's bin width uses
+    steps: int | None = None  # total optimiser steps; default epochs × (N // batch_size)
+    epochs: int = 1
+    batch_size: int = 256
+    lr: float = 1e-3
+    lr_warmup_steps: int = 0
+    lr_decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+    target_fvu: float | None = None  # adapt λ so the held-out quantised FVU meets it
+    until_converged: bool = False  # stop by the plateau rule (no steps= / epochs= given)
+    max_steps: int = DEFAULT_MAX_STEPS  # cap when until_converged
+    eval_every: int = 100  # held-out evaluation period (until_converged or target_fvu)
+    patience: int = 10  # plateau rule: evaluations without improvement
+    min_improvement: float = 0.005  # plateau rule: relative improvement that counts
+    warm_start_frac: float = 0.2  # mdl on JumpReLU: fraction of steps trained as TopK
+    warm_start_k: int | None = None  # its k (default clamp(d_sae // 8, 1, 64))
+
+
+#: TrainConfig fields added after checkpoints and sweep folders already existed: a stored
+#: config without them means their defaults
+NEW_FIELDS = ("target_fvu", "until_converged", "max_steps", "eval_every", "patience",
+              "min_improvement", "warm_start_frac", "warm_start_k")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_sae` returns with ``return_history=True``.
+
+    ``converged``: True when the plateau rule stopped training, False when the cap did
+    (a warning was given), None for an explicit ``steps=`` / ``epochs=`` budget.
+    ``steps``: optimiser steps taken. ``sparsity``: the final λ (adapted with
+    ``target_fvu``). ``heldout_fvu``: the last held-out FVU (None without held-out
+    evaluations); ``heldout_fvu_quantized`` its quantised estimate ``fvu + tolerance``."""
+
+    sae: SAE
+    history: list[dict[str, float]] = field(default_factory=list)
+    converged: bool | None = None
+    steps: int = 0
+    sparsity: float | None = None
+    target_fvu: float | None = None
+    heldout_fvu: float | None = None
+    heldout_fvu_quantized: float | None = None
+
+
+def check_arguments(tc: TrainConfig) -> None:
+    for name in ("batch_size", "epochs", "checkpoint_every", "steps", "max_steps",
+                 "eval_every", "patience"):
+        v = getattr(tc, name)
+        if name == "steps" and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    lr, tol = tc.lr, tc.tolerance
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if not isinstance(tol, (int, float)) or not 0 < tol < 1:
+        raise ValueError(
+            f"tolerance={tol!r} is an absolute FVU increase and must be in (0, 1), e.g. 0.01"
+        )
+    t = tc.target_fvu
+    if t is not None:
+        if tc.objective == "topk":
+            raise ValueError(
+                "target_fvu adapts the multiplier λ of a sparsity penalty; objective='topk' "
+                "has none (its sparsity is k). Use objective='mdl' (or 'l1'), or choose k")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not tol < t < 1:
+            raise ValueError(
+                f"target_fvu={t!r} cannot be met: it is a quantised FVU, which is the FVU "
+                f"plus up to tolerance={tol:g} from quantising, so it must lie in "
+                f"({tol:g}, 1). Pass e.g. target_fvu=0.15, or a smaller tolerance")
+    if not 0 <= tc.warm_start_frac < 1:
+        raise ValueError(f"warm_start_frac must be in [0, 1), got {tc.warm_start_frac!r}")
+
+
+__all__ = ["TrainConfig", "TrainResult", "NEW_FIELDS", "DEFAULT_MAX_STEPS", "check_arguments"]
