@@ -466,3 +466,17 @@ def test_cli_decompose_reads_a_hugging_face_folder(tmp_path):
     assert (lhs - rhs).abs().max() <= 1e-5 * max(1.0, float(rhs.abs().max()))
     r = CliRunner().invoke(app, ["decompose", str(tmp_path / "silu"), "--layer", "0"])
     assert r.exit_code != 0 and "to_bilinear" in r.output
+
+
+def test_detach_after_a_registry_rescan(llama, toks):
+    """A bridge that rescans its hook registry while an SAE is attached files the SAE's hook
+    points under the new names too; detaching removes every entry."""
+    bridge, _ = llama
+    bridge.clear_hook_registry()
+    bridge._initialize_hook_registry()
+    before = _state(bridge, toks)
+    with attach_sae(bridge, "blocks.1.hook_resid_pre", random_sae(D_MODEL)):
+        bridge.clear_hook_registry()
+        bridge._initialize_hook_registry()
+        assert any("hook_sae" in k for k in registry(bridge))
+    _assert_unchanged(bridge, toks, before)

@@ -110,11 +110,15 @@ def add_named_hooks(model: Any, parent: HookPoint, prefix: str, points: dict[str
 def remove_named_hooks(model: Any, parent: HookPoint, prefix: str, names: list[str]) -> None:
     """Undo :func:`add_named_hooks` (missing entries are skipped, so it also cleans up after a
     partial add)."""
-    for name in names:
-        parent._modules.pop(name, None)
+    removed = [parent._modules.pop(name, None) for name in names]
     if is_bridge(model):
-        for name in names:
-            model._hook_registry.pop(f"{prefix}.{name}", None)
+        gone = {id(p) for p in removed if p is not None}
+        registry = model._hook_registry
+        for key in [f"{prefix}.{name}" for name in names]:
+            registry.pop(key, None)
+        # a registry rescan while attached may have filed them under other names too
+        for key in [k for k, v in registry.items() if id(v) in gone]:
+            del registry[key]
     else:
         refresh_hooks(model)
 
