@@ -1,26 +1,25 @@
-"""Hierarchical MDL-SAEs on MNIST: flat MDL-optimal SAE vs hierarchical SAE, and feature
-splitting measured.
+"""Hierarchical MDL-SAEs on MNIST against the flat frontiers, at equal fidelity.
 
 A hierarchical SAE has parent features, each with a group of children that are active only
 where the parent is; a child's presence then costs ``p_a · H_b(p_{c|a})`` bits instead of
-``H_b(p_c)``. This demo trains flat MDL SAEs (widths × sparsities) and hierarchical ones
-(parents × children per parent × sparsities), scores all at one precision tolerance, and
-selects the minimum DL of each kind among those whose quantised FVU meets one threshold.
-It then measures feature splitting: a flat SAE of width ``P`` (= the selected hierarchical
-SAE's parents) is widened to ``P·(1+C)``; decoder cosine similarities say which narrow
-features split, and whether the hierarchical SAE keeps them as parents. Writes to
-``out/mnist_hierarchical/``:
+``H_b(p_c)``. The question is whether that buys a shorter description than the best flat
+SAE *at the same quantised FVU*. This demo:
 
-* ``dl_table.csv`` (every SAE: kind, shape, λ, DL, the same code coded flat, L0, FVU),
-  ``summary.json``;
-* ``parents_children.png`` (top parents, each followed by its children: what the parent
-  and child draw together) and ``children_residuals.png`` (the children's own decoder rows);
-* ``splitting.csv`` (narrow → wide pairs: mean best cosine, fraction split, DL up/down),
-  ``splitting_features.csv`` (per narrow feature), ``splitting.png``;
-* ``saes_flat/``, ``saes_hier/``, ``saes_split/``: every trained SAE (a rerun resumes).
+* traces the flat TopK frontier: for each width, TopK's ``k`` is searched to meet each
+  fidelity level (:mod:`_fidelity`; the SAEs are shared with ``mnist_mdl.py``'s cache when
+  the settings match) and the Pareto set of DL vs FVU_q over all of them is the frontier,
+  ``log DL`` interpolated linearly in FVU_q between its points;
+* trains flat SAEs with the MDL objective and hierarchical SAEs with the conditional MDL
+  objective, each at a fidelity target (``target_fvu``: the multiplier λ is adapted so the
+  held-out quantised FVU meets the level), with the same training budget;
+* compares each with the TopK frontier at *its own* FVU_q (ratio < 1: shorter than TopK).
 
-Run: ``python demos/mnist_hierarchical.py [--mnist-path DIR_WITH_IDX_FILES]`` (a few
-minutes on 2 CPU cores).
+Writes to ``out/mnist_hierarchical/``: ``frontier.csv`` (every MDL / hierarchical SAE: its
+DL, FVU_q and the TopK frontier's DL there), ``topk.csv`` (every TopK SAE), ``frontier.png``,
+``parents_children.png`` / ``children_residuals.png`` (the best hierarchical SAE's top
+parents with their children), ``summary.json``, and the SAEs (a rerun resumes).
+
+Run: ``python demos/mnist_hierarchical.py [--steps N] [--seeds 0,1,2]`` (``--help``).
 """
 
 from __future__ import annotations
@@ -28,6 +27,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -37,54 +39,53 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from tl_mdl import (  # noqa: E402
-    codec,
-    feature_splitting,
-    hierarchical_dl_report,
-    quantize,
-    sweep,
-    sweep_hierarchical,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fidelity import frontier_dl, pareto_frontier, search_k  # noqa: E402
+
+from tl_mdl import hierarchical_dl_report, quantize, sweep, sweep_hierarchical  # noqa: E402
 from tl_mdl.codec import hierarchical as hcodec  # noqa: E402
 from tl_mdl.data import load_mnist  # noqa: E402
-from tl_mdl.mdl import description_length, encode_all  # noqa: E402
+from tl_mdl.mdl import encode_all  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/mnist_hierarchical", help="output folder")
+    p.add_argument("--topk-cache", default="out/mnist_mdl/saes",
+                   help="where the TopK SAEs live (shared with mnist_mdl.py)")
     p.add_argument("--mnist-path", default=None, help="folder with MNIST IDX files (optional)")
-    p.add_argument("--flat-widths", default="32,64,128")
-    p.add_argument("--parents", default="8,16,32")
+    p.add_argument("--levels", default="0.2,0.3", help="fidelity targets (FVU_q)")
+    p.add_argument("--topk-widths", default="32,64,128,256,512")
+    p.add_argument("--mdl-widths", default="64,128,256", help="flat MDL SAEs")
+    p.add_argument("--parents", default="16,32,64")
     p.add_argument("--children", default="4")
-    p.add_argument("--sparsities", default="3e-3", help="λ of the MDL objectives")
     p.add_argument("--child-topk", type=int, default=1,
                    help="at most this many children active per parent (0 = no limit)")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--sparsity", type=float, default=1e-3, help="starting λ of the MDL objectives")
+    p.add_argument("--steps", type=int, default=None,
+                   help="fixed training steps for every SAE (default: train_sae's convergence "
+                        "rule)")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--rel", type=float, default=0.15, help="TopK k search precision")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="precision tolerance: allowed FVU increase from quantising latents")
-    p.add_argument("--fvu-threshold", type=float, default=0.35,
-                   help="selection: quantised reconstruction must have FVU <= this")
-    p.add_argument("--train-size", type=int, default=None, help="use the first N train images")
+    p.add_argument("--train-size", type=int, default=10000, help="use the first N train images")
+    p.add_argument("--test-size", type=int, default=2000, help="score on the first N test images")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--topk-seed", type=int, default=None,
+                   help="compare every seed with this seed's TopK frontier (default: its own)")
     p.add_argument("--n-show", type=int, default=6, help="parents shown in the image grid")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (small GEMMs run fastest on one, esp. on a busy machine)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.levels = sorted(float(t) for t in a.levels.split(","))
+    a.seeds = [int(s) for s in a.seeds.split(",")]
+    return a
 
 
 def _ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",")]
-
-
-def select(rows: list[dict], threshold: float) -> tuple[dict, bool]:
-    """Minimum-DL row with FVU_q <= threshold; if none meets it, the lowest-FVU row (flagged)."""
-    ok = [r for r in rows if r["fvu_quantized"] <= threshold]
-    if ok:
-        return min(ok, key=lambda r: r["bits_per_input"]), True
-    return min(rows, key=lambda r: r["fvu_quantized"]), False
 
 
 def _img(ax, v: torch.Tensor, title: str) -> None:
@@ -135,33 +136,6 @@ def plot_hierarchy(hsae, images: torch.Tensor, out: Path, n_show: int) -> list[d
     return rows
 
 
-def plot_splitting(split, chain: list[dict], hier_row: dict, out: Path) -> None:
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.2))
-    a1.scatter(split.wide_best_cos, split.parent_best_cos, s=14, c="tab:blue")
-    a1.plot([0, 1], [0, 1], ":", c="k")
-    a1.set_xlabel(f"best cosine in the wide flat SAE (F={split.cos_narrow_wide.shape[1]})")
-    a1.set_ylabel("best cosine among hierarchical parents")
-    a1.set_title(f"narrow flat features (F={split.cos_narrow_wide.shape[0]})", fontsize=9)
-    a1.set_xlim(0, 1.02)
-    a1.set_ylim(0, 1.02)
-    for sp in sorted({r["sparsity"] for r in chain}):
-        rs = sorted([r for r in chain if r["sparsity"] == sp], key=lambda r: r["wide_width"])
-        xs = [rs[0]["narrow_width"]] + [r["wide_width"] for r in rs]
-        ys = [rs[0]["dl_narrow"]] + [r["dl_wide"] for r in rs]
-        a2.plot(xs, ys, "o-", label=f"flat, λ={sp:g}")
-    a2.scatter([hier_row["width"]], [hier_row["bits_per_input"]], marker="*", s=150, c="tab:red",
-               label=f"hierarchical {hier_row['n_parents']}×{hier_row['children_per_parent']}",
-               zorder=3)
-    a2.set_xscale("log", base=2)
-    a2.set_xlabel("total width F")
-    a2.set_ylabel("description length (bits / image)")
-    a2.set_title("does widening (splitting) raise the DL?", fontsize=9)
-    a2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "splitting.png", dpi=120)
-    plt.close(fig)
-
-
 def _write_csv(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]), extrasaction="ignore")
@@ -169,164 +143,153 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def topk_rows(args, train, test, seed: int, common: dict) -> list[dict]:
+    """Every TopK SAE of the k searches (one per width, all levels)."""
+    rows: list[dict] = []
+
+    def probe_for(width):
+        def probe(k):
+            r = dict(sweep(train, widths=[width], sparsities=[k], objective="topk",
+                           out_dir=Path(args.topk_cache) / f"seed{seed}", seed=seed,
+                           **common)[0])
+            r |= {"kind": "topk", "shape": f"F={width}", "k": k, "seed": seed}
+            rows.append(r)
+            return r
+        return probe
+
+    for w in _ints(args.topk_widths):
+        search_k(probe_for(w), w, args.levels, rel=args.rel)
+    return rows
+
+
+def mdl_rows(args, train, seed: int, common: dict) -> list[dict]:
+    """Flat MDL SAEs and hierarchical SAEs (conditional MDL), each at every target."""
+    out = args.out_path
+    rows = [dict(r) | {"kind": "mdl", "shape": f"F={r['width']}"} for r in sweep(
+        train, widths=_ints(args.mdl_widths), sparsities=[args.sparsity], objective="mdl",
+        target_fvus=args.levels, out_dir=out / "saes_flat" / f"seed{seed}", seed=seed,
+        **common)]
+    for t in args.levels:
+        hier = sweep_hierarchical(
+            train, parents=_ints(args.parents), children=_ints(args.children),
+            sparsities=[args.sparsity], child_topk=args.child_topk or None, target_fvu=t,
+            out_dir=out / "saes_hier" / f"seed{seed}_t{t:g}", seed=seed, **common)
+        rows += [dict(r) | {"kind": "hierarchical", "target_fvu": t,
+                            "shape": f"{r['n_parents']}x{r['children_per_parent']}"}
+                 for r in hier]
+    for r in rows:
+        r["seed"] = seed
+    return rows
+
+
+def plot_frontier(topk: list[dict], front: list[dict], others: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.6, 4.4))
+    ax.scatter([r["fvu_quantized"] for r in topk], [r["bits_per_input"] for r in topk], s=8,
+               c="lightgray", label="TopK SAEs (k searched per width)")
+    ax.plot([r["fvu_quantized"] for r in front], [r["bits_per_input"] for r in front], "-",
+            c="k", lw=1.2, label="TopK frontier")
+    for kind, m, c in (("mdl", "o", "tab:blue"), ("hierarchical", "*", "tab:red")):
+        rs = [r for r in others if r["kind"] == kind]
+        ax.scatter([r["fvu_quantized"] for r in rs], [r["bits_per_input"] for r in rs],
+                   marker=m, s=60 if m == "*" else 25, c=c, label=f"{kind} MDL (target_fvu)",
+                   zorder=3)
+    ax.set_yscale("log")
+    ax.set_xlabel("quantised FVU (test images)")
+    ax.set_ylabel("description length (bits / image)")
+    ax.set_title("MNIST: MDL and hierarchical SAEs against the TopK frontier", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = args.out_path = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    train, _ = load_mnist("train", args.mnist_path)
-    test, _ = load_mnist("test", args.mnist_path)
-    if args.train_size:
-        train = train[: args.train_size]
-        test = test[: max(args.train_size // 6, 100)]
-    sparsities = [float(s) for s in args.sparsities.split(",")]
-    common = dict(eval_activations=test, tolerance=args.tolerance, progress=not args.no_progress,
-                  seed=args.seed, epochs=args.epochs, lr=args.lr)
-    print(f"MNIST: {train.shape[0]} train / {test.shape[0]} test images; precision tolerance "
-          f"{args.tolerance:g} (FVU), selection FVU_q <= {args.fvu_threshold:g}")
+    train = load_mnist("train", args.mnist_path)[0][: args.train_size]
+    test = load_mnist("test", args.mnist_path)[0][: args.test_size]
+    budget = {"steps": args.steps} if args.steps else {}
+    common = dict(eval_activations=test, tolerance=args.tolerance, lr=args.lr,
+                  progress=not args.no_progress, **budget)
+    print(f"MNIST: {len(train)} train / {len(test)} test images; levels {args.levels}; "
+          f"training {budget or 'until converged'} for every SAE")
 
-    flat = list(sweep(train, widths=_ints(args.flat_widths), sparsities=sparsities,
-                      objective="mdl", out_dir=out / "saes_flat", **common))
-    hier = list(sweep_hierarchical(train, parents=_ints(args.parents),
-                                   children=_ints(args.children), sparsities=sparsities,
-                                   child_topk=args.child_topk or None,
-                                   out_dir=out / "saes_hier", **common))
-    flat_best, flat_ok = select(flat, args.fvu_threshold)
-    hier_best, hier_ok = select(hier, args.fvu_threshold)
+    topk, others, fronts = [], [], {}
+    for seed in args.seeds:
+        ts = seed if args.topk_seed is None else args.topk_seed
+        if ts not in fronts:
+            tk = topk_rows(args, train, test, ts, common)
+            fronts[ts] = pareto_frontier(tk)
+            topk += tk
+        front = fronts[ts]
+        for r in mdl_rows(args, train, seed, common):
+            r["topk_frontier_bits"] = frontier_dl(front, r["fvu_quantized"])
+            r["ratio_to_topk"] = r["bits_per_input"] / r["topk_frontier_bits"]
+            others.append(r)
+    cols = ["seed", "kind", "shape", "target_fvu", "sparsity", "bits_per_input", "fvu_quantized",
+            "l0", "topk_frontier_bits", "ratio_to_topk", "flat_bits_per_input"]
+    _write_csv(out / "frontier.csv", [{k: r.get(k, "") for k in cols} for r in others])
+    _write_csv(out / "topk.csv", [{k: r.get(k, "") for k in ("seed", "shape", "k",
+                                  "bits_per_input", "fvu_quantized", "l0")} for r in topk])
+    plot_frontier(topk, next(iter(fronts.values())), others, out / "frontier.png")
 
-    # ---------------------------------------------------------------- DL table
-    table = []
-    for kind, rows, best in (("flat", flat, flat_best), ("hierarchical", hier, hier_best)):
-        for r in rows:
-            table.append({
-                "kind": kind,
-                "n_parents": r.get("n_parents", r["width"]),
-                "children_per_parent": r.get("children_per_parent", 0),
-                "child_topk": r.get("child_topk", ""),
-                "width": r["width"],
-                "sparsity": r["sparsity"],
-                "bits_per_input": r["bits_per_input"],
-                "flat_coded_bits": r.get("flat_bits_per_input", r["bits_per_input"]),
-                "l0": r["l0"],
-                "fvu": r["fvu"],
-                "fvu_quantized": r["fvu_quantized"],
-                "bin_width": r["bin_width"],
-                "meets_threshold": r["fvu_quantized"] <= args.fvu_threshold,
-                "selected": r is best,
-            })
-    _write_csv(out / "dl_table.csv", table)
-
-    # Keep the DLs honest: code both selected SAEs' test latents for real.
-    hsae = hier_best["sae"]
-    hrep = hierarchical_dl_report(hsae, test, tolerance=args.tolerance, raw_cost=False)
-    hq = quantize(encode_all(hsae, test), hrep.bin_width)
-    hdata = hcodec.encode(hq, hsae.parent_index)
-    assert torch.equal(hcodec.decode(hdata)[0], hq), "hierarchical codec round trip failed"
-    h_payload = hcodec.inspect(hdata).payload_bits_per_input
-    fsae = flat_best["sae"]
-    frep = description_length(fsae, test, tolerance=args.tolerance, raw_cost=False)
-    fq = quantize(encode_all(fsae, test), frep.bin_width)
-    f_payload = codec.inspect(codec.encode(fq)).payload_bits_per_input
-
-    child_rows = plot_hierarchy(hsae, test, out, args.n_show)
-
-    # --------------------------------------------------------- feature splitting
-    p, c = hier_best["n_parents"], hier_best["children_per_parent"]
-    lam = hier_best["sparsity"]
-    pair = {r["width"]: r for r in sweep(train, widths=[p, p * (1 + c)], sparsities=[lam],
-                                         objective="mdl", out_dir=out / "saes_split", **common)}
-    narrow, wide = pair[p], pair[p * (1 + c)]
-    split = feature_splitting(narrow["sae"], wide["sae"], test, hierarchical=hsae,
-                              tolerance=args.tolerance)
-    _write_csv(out / "splitting_features.csv", split.rows())
-    chain = []  # consecutive widths of the flat sweep, per λ, plus the P -> P(1+C) pair
-    pairs = [(narrow, wide)]
-    for sp in sparsities:
-        rs = sorted([r for r in flat if r["sparsity"] == sp], key=lambda r: r["width"])
-        pairs += list(zip(rs[:-1], rs[1:], strict=True))
-    for a, b in pairs:
-        s = split if (a is narrow and b is wide) else feature_splitting(a["sae"], b["sae"])
-        sm = s.summary()
-        chain.append({
-            "sparsity": a["sparsity"],
-            "narrow_width": a["width"],
-            "wide_width": b["width"],
-            "wide_best_cos_mean": sm["wide_best_cos_mean"],
-            "frac_split": sm["frac_split"],
-            "frac_vanished": sm["frac_vanished"],
-            "dl_narrow": a["bits_per_input"],
-            "dl_wide": b["bits_per_input"],
-            "dl_went_up": b["bits_per_input"] > a["bits_per_input"],
-            "fvu_q_narrow": a["fvu_quantized"],
-            "fvu_q_wide": b["fvu_quantized"],
-            "parent_best_cos_mean": sm["parent_best_cos_mean"] if s is split else "",
-            "children_wide_cos_mean": sm["children_wide_cos_mean"] if s is split else "",
+    # per kind, shape and target: ratio to the TopK frontier (mean ± sd over seeds)
+    groups: dict[tuple, list[dict]] = {}
+    for r in others:
+        groups.setdefault((r["kind"], r["shape"], r.get("target_fvu")), []).append(r)
+    summary_rows = []
+    for (kind, shape, t), rs in sorted(groups.items(), key=lambda g: (g[0][2], g[0][0], g[0][1])):
+        ratios = [r["ratio_to_topk"] for r in rs if not math.isnan(r["ratio_to_topk"])]
+        summary_rows.append({
+            "kind": kind, "shape": shape, "target_fvu": t, "n_seeds": len(rs),
+            "fvu_q_mean": statistics.fmean(r["fvu_quantized"] for r in rs),
+            "bits_mean": statistics.fmean(r["bits_per_input"] for r in rs),
+            "ratio_mean": statistics.fmean(ratios) if ratios else math.nan,
+            "ratio_sd": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
         })
-    _write_csv(out / "splitting.csv", chain)
-    plot_splitting(split, [r for r in chain[1:]] or chain, hier_best, out)
 
-    ss = split.summary()
+    # the best hierarchical SAE (lowest ratio), its parents and children, its codec check
+    hier = [r for r in others if r["kind"] == "hierarchical" and r["seed"] == args.seeds[0]
+            and not math.isnan(r["ratio_to_topk"])]
+    best = min(hier, key=lambda r: r["ratio_to_topk"]) if hier else None
+    child_rows, payload = [], None
+    if best is not None:
+        hsae = best["sae"]
+        child_rows = plot_hierarchy(hsae, test, out, args.n_show)
+        rep = hierarchical_dl_report(hsae, test, tolerance=args.tolerance, raw_cost=False)
+        hq = quantize(encode_all(hsae, test), rep.bin_width)
+        data = hcodec.encode(hq, hsae.parent_index)
+        assert torch.equal(hcodec.decode(data)[0], hq), "hierarchical codec round trip failed"
+        payload = hcodec.inspect(data).payload_bits_per_input
+
     summary = {
-        "precision_tolerance": args.tolerance,
-        "fvu_threshold": args.fvu_threshold,
-        "flat": {k: flat_best[k] for k in ("width", "sparsity", "bits_per_input", "l0",
-                                           "fvu_quantized", "bin_width")}
-        | {"meets_threshold": flat_ok, "codec_payload_bits": f_payload},
-        "hierarchical": {k: hier_best[k] for k in ("n_parents", "children_per_parent",
-                                                   "child_topk", "width",
-                                                   "sparsity", "bits_per_input",
-                                                   "flat_bits_per_input", "l0",
-                                                   "fvu_quantized", "bin_width")}
-        | {"meets_threshold": hier_ok, "codec_payload_bits": h_payload},
-        "hierarchical_beats_flat": bool(hier_ok and (not flat_ok or hier_best["bits_per_input"]
-                                                     < flat_best["bits_per_input"])),
-        "splitting": ss,
-        "children": child_rows,
-        "seconds": time.perf_counter() - t0,
+        "levels": args.levels, "seeds": args.seeds, "training": budget or "until converged",
+        "precision_tolerance": args.tolerance, "comparison": summary_rows,
+        "best_hierarchical": None if best is None else {
+            k: best[k] for k in ("shape", "target_fvu", "bits_per_input", "fvu_quantized",
+                                 "topk_frontier_bits", "ratio_to_topk")
+        } | {"codec_payload_bits": payload},
+        "children": child_rows, "seconds": time.perf_counter() - t0,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
 
-    print("\nkind          shape      λ       DL bits  (flat-coded)  L0     FVU_q")
-    for r in table:
-        shape = (f"{r['n_parents']}x{r['children_per_parent']}" if r["kind"] == "hierarchical"
-                 else f"F={r['width']}")
-        mark = "  <- selected" if r["selected"] else ""
-        print(f"{r['kind']:<13} {shape:<10} {r['sparsity']:<7g} {r['bits_per_input']:>7.1f}  "
-              f"({r['flat_coded_bits']:>7.1f})    {r['l0']:>5.1f}  {r['fvu_quantized']:.3f}{mark}")
-    fb, hb = flat_best, hier_best
-    print(f"\nflat MDL-optimal: F={fb['width']} λ={fb['sparsity']:g}: {fb['bits_per_input']:.1f} "
-          f"bits/image, FVU_q {fb['fvu_quantized']:.3f} (codec {f_payload:.1f})"
-          + ("" if flat_ok else "  [no flat SAE met the threshold]"))
-    print(f"hierarchical:     {hb['n_parents']}x{hb['children_per_parent']} λ={hb['sparsity']:g}: "
-          f"{hb['bits_per_input']:.1f} bits/image ({hb['flat_bits_per_input']:.1f} if its code "
-          f"were coded flat), FVU_q {hb['fvu_quantized']:.3f} (codec {h_payload:.1f})"
-          + ("" if hier_ok else "  [no hierarchical SAE met the threshold]"))
-    saved = hb["flat_bits_per_input"] - hb["bits_per_input"]
-    if not (flat_ok and hier_ok):
-        print("=> no verdict: not both kinds met the FVU threshold (raise --fvu-threshold or "
-              "train longer); the rows above are the lowest-FVU ones.")
-    elif summary["hierarchical_beats_flat"]:
-        print(f"=> the hierarchical SAE gives the shorter description at this tolerance "
-              f"({fb['bits_per_input'] - hb['bits_per_input']:.1f} bits/image less; conditional "
-              f"coding alone saves {saved:.1f} bits on its own code). Its FVU_q is "
-              f"{'higher' if hb['fvu_quantized'] > fb['fvu_quantized'] else 'lower'} than the "
-              "flat SAE's, both within the threshold.")
-    else:
-        print(f"=> honest result: at this tolerance the hierarchical SAE does NOT beat the flat "
-              f"MDL-optimal SAE (conditional coding saves {saved:.1f} bits on its own code; "
-              f"L0 {hb['l0']:.1f} vs {fb['l0']:.1f}, bin width {hb['bin_width']:.3g} vs "
-              f"{fb['bin_width']:.3g}).")
-    print(f"\nfeature splitting F={p} -> F={p * (1 + c)} (λ={lam:g}): narrow features' best "
-          f"cosine in the wide SAE {ss['wide_best_cos_mean']:.2f} (split into >=2: "
-          f"{100 * ss['frac_split']:.0f}%, vanished: {100 * ss['frac_vanished']:.0f}%); "
-          f"DL {split.dl_narrow:.1f} -> {split.dl_wide:.1f} bits "
-          f"({'up' if split.dl_went_up else 'down'})")
-    print(f"hierarchical {p}x{c}: narrow features' best cosine among its parents "
-          f"{ss['parent_best_cos_mean']:.2f}; its children (with their parent) match wide "
-          f"features at cosine {ss['children_wide_cos_mean']:.2f}")
-    print(f"wrote {out}/ (dl_table.csv, parents_children.png, children_residuals.png, "
-          f"splitting.csv/png, summary.json) in {summary['seconds']:.0f} s")
+    print("\nkind          shape   target  FVU_q   DL bits  TopK frontier there  ratio"
+          + ("  (mean ± sd over seeds)" if len(args.seeds) > 1 else ""))
+    for g in summary_rows:
+        front_bits = g["bits_mean"] / g["ratio_mean"] if g["ratio_mean"] else math.nan
+        print(f"{g['kind']:<13} {g['shape']:<7} {g['target_fvu']:<6g}  {g['fvu_q_mean']:.3f}  "
+              f"{g['bits_mean']:7.1f}  {front_bits:10.1f}           {g['ratio_mean']:.3f}"
+              + (f" ± {g['ratio_sd']:.3f}" if len(args.seeds) > 1 else ""))
+    if best is not None:
+        verdict = "on or below" if best["ratio_to_topk"] <= 1 else "ABOVE"
+        print(f"\nbest hierarchical: {best['shape']} at target {best['target_fvu']:g}: "
+              f"{best['bits_per_input']:.1f} bits/image at FVU_q {best['fvu_quantized']:.3f}, "
+              f"{verdict} the TopK frontier ({best['topk_frontier_bits']:.1f} bits there, ratio "
+              f"{best['ratio_to_topk']:.3f}); codec payload {payload:.1f} bits/image")
+    print(f"wrote {out}/ in {summary['seconds']:.0f} s")
     return summary
 
 

@@ -71,3 +71,26 @@ def test_bilinear_mnist_demo_small(tmp_path):
     assert summary["expansion_max_abs_error"] < 1e-3  # float32 logits vs float64 expansion
     smooth = list(csv.DictReader(open(out / "eigen_smoothness.csv")))
     assert len(smooth) == 60 and all(0 <= float(r["high_freq"]) <= 1 for r in smooth)
+
+
+@pytest.mark.slow
+def test_mnist_hierarchical_demo_small(tmp_path):
+    demo = _load("mnist_hierarchical")
+    out = tmp_path / "hier"
+    summary = demo.main(["--out", str(out), "--topk-cache", str(tmp_path / "topk"),
+                         "--train-size", "1500", "--test-size", "300", "--topk-widths", "16,32",
+                         "--mdl-widths", "32", "--parents", "8", "--children", "2",
+                         "--levels", "0.5", "--steps", "100", "--no-progress"])
+    for f in ("frontier.csv", "topk.csv", "frontier.png", "summary.json"):
+        assert (out / f).is_file(), f
+    rows = list(csv.DictReader(open(out / "frontier.csv")))
+    assert {r["kind"] for r in rows} == {"mdl", "hierarchical"}
+    topk = [(float(r["fvu_quantized"]), float(r["bits_per_input"]))
+            for r in csv.DictReader(open(out / "topk.csv"))]
+    for r in rows:  # the frontier DL lies between the TopK points around the row's FVU_q
+        f, b = float(r["fvu_quantized"]), float(r["topk_frontier_bits"])
+        if b == b:  # not NaN: inside the frontier's range
+            below = max(bb for ff, bb in topk if ff <= f)
+            assert min(bb for ff, bb in topk if ff >= f) <= b * (1 + 1e-9) <= below * (1 + 1e-9)
+            assert float(r["ratio_to_topk"]) == pytest.approx(float(r["bits_per_input"]) / b)
+    assert summary["levels"] == [0.5] and len(summary["comparison"]) == 2

@@ -371,3 +371,17 @@ def test_feature_splitting_known_answer():
     # child of parent 0 (e2) has effective direction e2 + e3 = wide feature 1 exactly
     assert float(res.children_wide_cos[1]) == pytest.approx(1.0)
     assert res.summary()["frac_split"] == 0.5
+
+
+def test_train_hierarchical_sae_defaults_to_training_until_converged():
+    x = blobs(512)  # 2 batches: one epoch would be 2 steps
+    res = train_hierarchical_sae(
+        x, HierarchicalSAEConfig(d_in=16, n_parents=3, children_per_parent=2),
+        lr=1e-2, progress=False, return_history=True,
+    )
+    assert res.converged is not None and res.steps > 2
+    fixed = train_hierarchical_sae(
+        x, HierarchicalSAEConfig(d_in=16, n_parents=3, children_per_parent=2),
+        epochs=1, progress=False, return_history=True,
+    )
+    assert fixed.converged is None and fixed.steps == 2

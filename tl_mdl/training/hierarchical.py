@@ -101,7 +101,7 @@ def train_hierarchical_sae(
     *,
     sparsity: float = 1e-3,
     steps: int | None = None,
-    epochs: int = 1,
+    epochs: int | None = None,
     batch_size: int = 256,
     lr: float = 1e-3,
     tolerance: float = DEFAULT_TOLERANCE,
@@ -115,7 +115,8 @@ def train_hierarchical_sae(
     (``objective="hierarchical_mdl"``; any registered objective works, e.g. ``"mdl"`` to
     train it with the flat surrogate). Same batches, learning-rate schedule, ``b_dec``
     initialisation, checkpoints/resume and Ctrl-C handling as :func:`tl_mdl.train_sae`
-    (it *is* ``train_sae`` with the conditional objective).
+    (it *is* ``train_sae`` with the conditional objective): without ``steps`` or ``epochs``
+    it trains until the convergence rule stops it, and ``target_fvu=`` adapts λ.
     Returns the SAE, or a ``TrainResult`` with the loss history."""
     return train_sae(
         activations, cfg, objective, sparsity=sparsity, steps=steps, epochs=epochs,
