@@ -93,24 +93,3 @@ def dl_at_level(row_lo: Row | None, row_hi: Row | None, t: float) -> float:
     frac = (f_lo - t) / (f_lo - f_hi) if f_lo > f_hi else 1.0
     return math.exp(b_lo + frac * (b_hi - b_lo))
 
-
-def pareto_frontier(rows: Sequence[Row]) -> list[Row]:
-    """The rows no other row beats on both ``FVU_q`` and DL (ties kept once), sorted by
-    ``FVU_q`` ascending (so DL descends along it)."""
-    out: list[Row] = []
-    for r in sorted(rows, key=lambda r: (r["fvu_quantized"], r["bits_per_input"])):
-        if not out or r["bits_per_input"] < out[-1]["bits_per_input"]:
-            out.append(r)
-    return out
-
-
-def frontier_dl(frontier: Sequence[Row], fvu: float) -> float:
-    """The frontier's DL at ``FVU_q = fvu``: ``log DL`` interpolated linearly in ``FVU_q``
-    between the two frontier points around it (NaN outside the frontier's FVU_q range)."""
-    pts = list(frontier)
-    if not pts or not (pts[0]["fvu_quantized"] <= fvu <= pts[-1]["fvu_quantized"]):
-        return math.nan
-    for a, b in zip(pts, pts[1:], strict=False):
-        if a["fvu_quantized"] <= fvu <= b["fvu_quantized"]:
-            return dl_at_level(b, a, fvu)
-    return float(pts[-1]["bits_per_input"])

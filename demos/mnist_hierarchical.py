@@ -40,12 +40,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fidelity import frontier_dl, pareto_frontier, search_k  # noqa: E402
+from _fidelity import search_k  # noqa: E402
 
 from tl_mdl import hierarchical_dl_report, quantize, sweep, sweep_hierarchical  # noqa: E402
 from tl_mdl.codec import hierarchical as hcodec  # noqa: E402
 from tl_mdl.data import load_mnist  # noqa: E402
-from tl_mdl.mdl import encode_all  # noqa: E402
+from tl_mdl.mdl import encode_all, frontier_bits_at, pareto_frontier  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -226,7 +226,8 @@ def main(argv=None) -> dict:
             topk += tk
         front = fronts[ts]
         for r in mdl_rows(args, train, seed, common):
-            r["topk_frontier_bits"] = frontier_dl(front, r["fvu_quantized"])
+            at = frontier_bits_at(front, r["fvu_quantized"])
+            r["topk_frontier_bits"] = math.nan if at is None else at
             r["ratio_to_topk"] = r["bits_per_input"] / r["topk_frontier_bits"]
             others.append(r)
     cols = ["seed", "kind", "shape", "target_fvu", "sparsity", "bits_per_input", "fvu_quantized",

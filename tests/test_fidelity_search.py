@@ -63,13 +63,3 @@ def test_bad_levels_raise():
     with pytest.raises(ValueError, match="levels"):
         fid.search_k(probe, 10, [0.0])
 
-
-def test_pareto_frontier_and_its_interpolation():
-    pts = [(0.1, 200.0), (0.2, 100.0), (0.15, 180.0), (0.2, 120.0), (0.3, 110.0), (0.4, 40.0)]
-    rows = [{"fvu_quantized": f, "bits_per_input": b} for f, b in pts]
-    front = fid.pareto_frontier(rows)
-    assert [(r["fvu_quantized"], r["bits_per_input"]) for r in front] == [
-        (0.1, 200.0), (0.15, 180.0), (0.2, 100.0), (0.4, 40.0)]
-    assert fid.frontier_dl(front, 0.3) == pytest.approx(math.sqrt(100.0 * 40.0))
-    assert fid.frontier_dl(front, 0.1) == pytest.approx(200.0)
-    assert math.isnan(fid.frontier_dl(front, 0.05)) and math.isnan(fid.frontier_dl(front, 0.5))
