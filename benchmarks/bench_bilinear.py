@@ -59,7 +59,8 @@ def child(variant: str, d_model: int, d_mlp: int, n: int, chunk: int, seed: int)
     import torch
 
     from tl_mdl.bilinear import eigendecompose, iter_eigendecompose
-    from tl_mdl.bilinear.decompose import _eigh_chunk, _form_q, folded_weights
+    from tl_mdl.bilinear.decompose import _form_q, folded_weights
+    from tl_mdl.bilinear.eigh import _eigh_chunk
 
     torch.manual_seed(seed)
 

@@ -357,7 +357,7 @@ def test_anneal_to_bilinear_is_exact_at_beta_zero(tmp_path):
 def test_split_tridiagonal_falls_back_to_mrrr():
     import numpy as np
 
-    from tl_mdl.bilinear.decompose import _tridiagonal_vectors
+    from tl_mdl.bilinear.eigh import _tridiagonal_vectors
 
     diag, off = np.array([1.0, -2.0, 3.0, 0.5, -4.0]), np.array([0.5, 0.0, 0.3, 0.7])
     T = np.diag(diag) + np.diag(off, 1) + np.diag(off, -1)

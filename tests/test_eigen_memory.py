@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tl_mdl.bilinear import eigendecompose, iter_eigendecompose
-from tl_mdl.bilinear.decompose import Eigen, _eigh_chunk, _form_q, folded_weights
+from tl_mdl.bilinear.decompose import _form_q, folded_weights
+from tl_mdl.bilinear.eigh import Eigen, _eigh_chunk
 
 
 class _Layer(torch.nn.Module):
