@@ -123,6 +123,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--only", choices=["mnist", "lm"], default=None)
     ap.add_argument("--widths", default=None, help="MNIST widths, e.g. 128,512")
+    ap.add_argument("--ks", default=None, help="MNIST TopK k values, e.g. 6,10,16,24")
     a = add_args(ap, rounds=1).parse_args()
     a.steps = a.steps or (3000 if a.full else 1500)
     seeds = range(a.seeds or (3 if a.full else 1))
@@ -137,13 +138,23 @@ def main() -> int:
         if a.widths:
             widths = tuple(int(w) for w in a.widths.split(","))
         for width in widths:
-            cases.append((f"mnist w{width}", train, test, width, (8, 12, 16, 24, 32, 48)))
+            ks = tuple(int(k) for k in a.ks.split(",")) if a.ks else (8, 12, 16, 24, 32)
+            cases.append((f"mnist w{width}", train, test, width, ks))
     if a.only in (None, "lm"):
         train, test = lm_residual(64 * 1024 if a.full else 32 * 1024)
-        cases.append(("lm resid w512", train, test, 512, (4, 6, 8, 12, 16, 24)))
+        cases.append(("lm resid w512", train, test, 512, (4, 6, 8, 12, 16)))
     for name, train, test, width, ks in cases:
         t0 = time.perf_counter()
-        runs = [one_seed(train, test, width, ks, s, a) for s in seeds]
+        runs = []
+        for s in seeds:
+            runs.append(one_seed(train, test, width, ks, s, a))
+            for t, row in runs[-1]["mdl"].items():  # each seed as it finishes
+                b = frontier_bits_at(runs[-1]["topk"], row["fvu_quantized"])
+                print(f"# {name} seed {s} target {t:g}: MDL {row['bits_per_input']:.2f} bits "
+                      f"at FVU_q {row['fvu_quantized']:.4f} (L0 {row['l0']:.1f}); TopK "
+                      f"frontier there {'n/a' if b is None else f'{b:.2f}'}; TopK "
+                      + ", ".join(f"{r['fvu_quantized']:.3f}:{r['bits_per_input']:.1f}"
+                                  for r in runs[-1]["topk"]), flush=True)
         print(f"# {name}: {time.perf_counter() - t0:.0f} s", flush=True)
         report(name, runs)
     return bench.finish()
