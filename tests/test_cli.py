@@ -4,6 +4,7 @@ real subprocess (``python -m tl_mdl.cli``)."""
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import subprocess
@@ -240,6 +241,24 @@ def test_train_saves_a_loadable_sae(files, tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert "bits / input" in r.stdout and (tmp_path / "mdl" / "cfg.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_default_budget_is_train_until_converged(files, tmp_path, monkeypatch, command):
+    """Without --epochs or --steps the CLI hands train_sae no budget, so it trains until the
+    held-out objective stops improving (one epoch was the CLI's default before)."""
+    seen = {}
+
+    def fake_train_sae(acts, cfg, objective="topk", **kw):
+        seen.update(steps=kw.get("steps"), epochs=kw.get("epochs"))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(tl_mdl, "train_sae", fake_train_sae)
+    monkeypatch.setattr(importlib.import_module("tl_mdl.training.sweep"), "train_sae",
+                        fake_train_sae)
+    args = {"train": ["--width", "8"], "sweep": ["--widths", "8", "--sparsities", "0.1"]}
+    run(command, files["acts"], "--out", tmp_path / "o", "--no-progress", *args[command])
+    assert seen == {"steps": None, "epochs": None}
 
 
 def test_train_user_errors(files, tmp_path):

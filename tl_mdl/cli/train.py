@@ -74,7 +74,12 @@ def train(
         help="λ, the penalty weight (FVU per bit for mdl, per unit of L1 for l1); "
         "default 1e-3 (mdl) / 0.1 (l1).",
     ),
-    epochs: int = typer.Option(1, help="Passes over the activations (ignored with --steps)."),
+    epochs: Optional[int] = typer.Option(
+        None,
+        help="Passes over the activations (ignored with --steps). Default, with neither "
+        "--epochs nor --steps: train until the held-out objective stops improving (README, "
+        "'Training budget').",
+    ),
     steps: Optional[int] = typer.Option(
         None, help="Optimiser steps in total (default: epochs × N / batch size)."
     ),
@@ -205,7 +210,11 @@ def sweep(
         help="Selection: the MDL pick is the SAE with the fewest bits per input among those "
         "whose quantised reconstruction has FVU <= this (fraction of variance).",
     ),
-    epochs: int = typer.Option(1, help="Passes over the activations per SAE."),
+    epochs: Optional[int] = typer.Option(
+        None,
+        help="Passes over the activations per SAE. Default, with neither --epochs nor "
+        "--steps: each SAE trains until its held-out objective stops improving.",
+    ),
     steps: Optional[int] = typer.Option(None, help="Optimiser steps per SAE (overrides epochs)."),
     batch_size: int = typer.Option(256, help="Activation vectors per optimiser step."),
     lr: float = typer.Option(1e-3, help="Adam learning rate (per step)."),
