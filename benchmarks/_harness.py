@@ -21,6 +21,7 @@ feed it hand-made samples; ``Bench`` wires it to the clock, the threads and the 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -115,6 +116,10 @@ def add_args(ap: argparse.ArgumentParser, rounds: int) -> argparse.ArgumentParse
                     help="torch intra-op threads (default: 1 on machines with <= 2 cores)")
     ap.add_argument("--rounds", type=int, default=rounds,
                     help=f"interleaved A/B rounds (default {rounds})")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="calls of each variant per round, back to back; a round keeps the "
+                    "fastest, so a stall inside one call does not become the round's figure "
+                    "(default 1)")
     ap.add_argument("--strict", action="store_true",
                     help="exit non-zero if any figure is UNRELIABLE")
     return ap
@@ -138,11 +143,13 @@ class Bench:
         how = ("--threads" if args.threads is not None else
                "default on <= 2 cores" if chosen is not None else "torch default")
         self.rounds = max(1, args.rounds)
+        self.repeats = max(1, getattr(args, "repeats", 1))
         self.strict = args.strict
         self.problems: list[str] = []
         self.max_load = 0.0
         print(f"# {title}; {self.threads} thread(s) ({how}), {self.cores} cores, "
-              f"{self.rounds} interleaved round(s), ratio = median of paired ratios "
+              f"{self.rounds} interleaved round(s) of the fastest of {self.repeats} call(s), "
+              f"ratio = median of paired ratios "
               f"[min–max], torch {torch.__version__}", flush=True)
 
     def sample_load(self) -> None:
@@ -150,7 +157,8 @@ class Bench:
 
     def interleaved(self, fns: dict[str, Callable[[], object]], rounds: int | None = None,
                     warmup: bool = True) -> dict[str, list[float]]:
-        """Seconds per call of each function, one call of each per round, in turn."""
+        """Seconds per call of each function, in turn within each round: the fastest of
+        ``--repeats`` back-to-back calls (one call by default)."""
         times: dict[str, list[float]] = {n: [] for n in fns}
         if warmup:
             for f in fns.values():
@@ -158,9 +166,12 @@ class Bench:
         for _ in range(rounds or self.rounds):
             self.sample_load()
             for n, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                times[n].append(time.perf_counter() - t0)
+                best = math.inf
+                for _ in range(self.repeats):
+                    t0 = time.perf_counter()
+                    f()
+                    best = min(best, time.perf_counter() - t0)
+                times[n].append(best)
         self.sample_load()
         return times
 

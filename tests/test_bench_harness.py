@@ -132,6 +132,25 @@ def test_bench_flags_exactly_the_bad_lines_and_strict_sets_exit_code(capsys, mon
     assert ok.finish() == 0
 
 
+def test_repeats_keep_the_fastest_call_of_each_round(monkeypatch):
+    """With --repeats 3 each round records the fastest of its 3 calls, so one stalled call
+    does not become the round's figure. A fake clock gives the calls known durations."""
+    import _harness
+
+    monkeypatch.setattr("os.getloadavg", lambda: (0.5, 0.5, 0.5))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.setenv(var, "1")
+    durations = iter([5.0, 1.0, 3.0, 2.0, 9.0, 4.0])  # round 1: 5, 1, 3; round 2: 2, 9, 4
+    clock = {"t": 0.0}
+    monkeypatch.setattr(_harness.time, "perf_counter", lambda: clock["t"])
+
+    def call():
+        clock["t"] += next(durations)
+
+    bench = Bench("test", argparse.Namespace(threads=1, rounds=2, repeats=3, strict=False))
+    assert bench.interleaved({"a": call}, warmup=False) == {"a": [1.0, 2.0]}
+
+
 def test_run_all_summarises_and_strict_exits_nonzero(tmp_path):
     # run_all on a copy of the harness with two fake benchmarks: one clean, one flagged
     (tmp_path / "_harness.py").write_text((BENCH / "_harness.py").read_text())
