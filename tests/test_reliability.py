@@ -53,14 +53,16 @@ def make_data() -> torch.Tensor:
 
 
 def _train_child(ck: str, sleep: float, every: int, report: str) -> None:
-    """A training process (forked: no re-import), slowed so that it can be interrupted."""
-    orig = SAE.encode
+    """A training process (forked: no re-import), slowed so that it can be interrupted.
+    Every objective calls ``SAE.decode`` once per step (the mdl objective has its own JumpReLU
+    encoder pass and never calls ``encode``), so the sleep goes there."""
+    orig = SAE.decode
 
-    def slow(self, x):
+    def slow(self, *args, **kwargs):
         time.sleep(sleep)
-        return orig(self, x)
+        return orig(self, *args, **kwargs)
 
-    SAE.encode = slow
+    SAE.decode = slow
     try:
         train_sae(make_data(), SAEConfig(**CFG), "mdl", checkpoint_dir=ck,
                   checkpoint_every=every, **TRAIN)
