@@ -24,6 +24,7 @@ check that it works.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -162,6 +163,11 @@ def bench_real(argv: list[str], run, bench) -> None:
                 if r is None:
                     raise SystemExit(f"--real variant {v} failed (see above)")
                 res[v].append(r)
+                # each variant takes minutes: report it as it ends (a stopped run keeps what
+                # it measured) and sample the load there too, not only between rounds
+                bench.sample_load()
+                print(f"# {v}: {r['seconds']:.1f} s, peak RSS rise {r['peak_mb']:.0f} MB, "
+                      f"load {os.getloadavg()[0]:.2f}", flush=True)
     print(f"# DL {res['dl'][0]['bits']:.2f} bits/input", flush=True)
     sec = {v: [r["seconds"] for r in rs] for v, rs in res.items()}
     mb = {v: [r["peak_mb"] for r in rs] for v, rs in res.items()}
