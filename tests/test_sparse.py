@@ -115,3 +115,39 @@ def test_to_csr_keeps_nan():
     assert cols.tolist() == [3, 5] and offsets.tolist() == [0, 0, 1, 2]
     out = csr_decode(cols, offsets, values, torch.ones(64, 8))
     assert out[2].isnan().all() and not out[[0, 1, 3]].isnan().any()
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_topk_rows_split_over_threads(threads):
+    """The grouped top-k's selections split over the torch threads: the same as one block."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _same_topk(torch.randn(301, 4096, generator=torch.Generator().manual_seed(5)), 64)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_topk_nan_and_inf_rank_as_torch_topk():
+    """NaN counts as the largest value (as in torch.topk), then +inf; -inf never wins."""
+    x = torch.randn(6, 4096, generator=torch.Generator().manual_seed(6))
+    x[0, [3, 700, 4000]] = float("nan")
+    x[1, :] = float("-inf")
+    x[1, 5:105:5] = 1.0  # 20 finite winners, the rest tied at -inf
+    x[2, 17] = float("inf")
+    v, i = topk(x, 32)
+    v0 = x.topk(32, dim=-1).values
+    torch.testing.assert_close(v.sort(-1).values, v0.sort(-1).values, rtol=0, atol=0,
+                               equal_nan=True)
+    assert set(i[0].tolist()) >= {3, 700, 4000}
+    assert set(range(5, 105, 5)) <= set(i[1].tolist())
+    assert 17 in i[2].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_topk_other_dtypes_equal_torch_topk(dtype):
+    """Dtypes NumPy cannot select in (bfloat16) or that go through torch.topk (float16)."""
+    x = torch.randn(40, 2048, generator=torch.Generator().manual_seed(7)).to(dtype)
+    v, i = topk(x, 32)
+    assert torch.equal(v.sort(-1).values, x.topk(32, dim=-1).values.sort(-1).values)
+    assert torch.equal(torch.gather(x, 1, i), v)
