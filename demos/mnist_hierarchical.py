@@ -9,10 +9,15 @@ SAE *at the same quantised FVU*. This demo:
   fidelity level (:mod:`_fidelity`; the SAEs are shared with ``mnist_mdl.py``'s cache when
   the settings match) and the Pareto set of DL vs FVU_q over all of them is the frontier,
   ``log DL`` interpolated linearly in FVU_q between its points;
-* trains flat SAEs with the MDL objective and hierarchical SAEs with the conditional MDL
-  objective, each at a fidelity target (``target_fvu``: the multiplier λ is adapted so the
-  held-out quantised FVU meets the level), with the same training budget;
-* compares each with the TopK frontier at *its own* FVU_q (ratio < 1: shorter than TopK).
+* trains flat SAEs with the MDL objective (straight-through code length, JumpReLU) and
+  hierarchical SAEs with its conditional version (a child's presence coded given its
+  parent: :mod:`tl_mdl.training.conditional_code`), each at a fidelity target
+  (``target_fvu``: the multiplier λ is adapted so the held-out quantised FVU meets the
+  level), with the same training budget;
+* compares each with the TopK frontier at *its own* FVU_q (ratio < 1: shorter than TopK),
+  and measures what the hierarchy buys: parents' L0 and density (the fraction of parents
+  active on more than 90% of test images), and the bits the conditional code saves over
+  coding the same latents flat.
 
 Writes to ``out/mnist_hierarchical/``: ``frontier.csv`` (every MDL / hierarchical SAE: its
 DL, FVU_q and the TopK frontier's DL there), ``topk.csv`` (every TopK SAE), ``frontier.png``,
@@ -42,7 +47,13 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _fidelity import search_k  # noqa: E402
 
-from tl_mdl import hierarchical_dl_report, quantize, sweep, sweep_hierarchical  # noqa: E402
+from tl_mdl import (  # noqa: E402
+    HierarchicalSAE,
+    hierarchical_dl_report,
+    quantize,
+    sweep,
+    sweep_hierarchical,
+)
 from tl_mdl.codec import hierarchical as hcodec  # noqa: E402
 from tl_mdl.data import load_mnist  # noqa: E402
 from tl_mdl.mdl import encode_all, frontier_bits_at, pareto_frontier  # noqa: E402
@@ -162,6 +173,18 @@ def topk_rows(args, train, test, seed: int, common: dict) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def hierarchy_use(row: dict, test: torch.Tensor) -> dict:
+    """What a hierarchical SAE's parents do on the test images, at its scored precision:
+    the fraction of parents active on more than 90% of images, and the bits per image the
+    conditional code saves over the flat code of the same latents."""
+    sae = row["sae"] if row.get("sae") is not None else HierarchicalSAE.load(row["path"])
+    q = quantize(encode_all(sae, test), row["bin_width"])
+    p_parent = (q[:, : sae.cfg.n_parents] != 0).double().mean(0)
+    return {"dense_parents": float((p_parent > 0.9).double().mean()),
+            "saved_bits": row["flat_bits_per_input"] - row["bits_per_input"]}
+
+
 def mdl_rows(args, train, seed: int, common: dict) -> list[dict]:
     """Flat MDL SAEs and hierarchical SAEs (conditional MDL), each at every target."""
     out = args.out_path
@@ -175,7 +198,8 @@ def mdl_rows(args, train, seed: int, common: dict) -> list[dict]:
             sparsities=[args.sparsity], child_topk=args.child_topk or None, target_fvu=t,
             out_dir=out / "saes_hier" / f"seed{seed}_t{t:g}", seed=seed, **common)
         rows += [dict(r) | {"kind": "hierarchical", "target_fvu": t,
-                            "shape": f"{r['n_parents']}x{r['children_per_parent']}"}
+                            "shape": f"{r['n_parents']}x{r['children_per_parent']}",
+                            **hierarchy_use(r, args.test)}
                  for r in hier]
     for r in rows:
         r["seed"] = seed
@@ -210,7 +234,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     train = load_mnist("train", args.mnist_path)[0][: args.train_size]
-    test = load_mnist("test", args.mnist_path)[0][: args.test_size]
+    test = args.test = load_mnist("test", args.mnist_path)[0][: args.test_size]
     budget = {"steps": args.steps} if args.steps else {}
     common = dict(eval_activations=test, tolerance=args.tolerance, lr=args.lr,
                   progress=not args.no_progress, **budget)
@@ -231,7 +255,8 @@ def main(argv=None) -> dict:
             r["ratio_to_topk"] = r["bits_per_input"] / r["topk_frontier_bits"]
             others.append(r)
     cols = ["seed", "kind", "shape", "target_fvu", "sparsity", "bits_per_input", "fvu_quantized",
-            "l0", "topk_frontier_bits", "ratio_to_topk", "flat_bits_per_input"]
+            "l0", "topk_frontier_bits", "ratio_to_topk", "flat_bits_per_input", "l0_parents",
+            "dense_parents", "saved_bits"]
     _write_csv(out / "frontier.csv", [{k: r.get(k, "") for k in cols} for r in others])
     _write_csv(out / "topk.csv", [{k: r.get(k, "") for k in ("seed", "shape", "k",
                                   "bits_per_input", "fvu_quantized", "l0")} for r in topk])
@@ -250,6 +275,13 @@ def main(argv=None) -> dict:
             "bits_mean": statistics.fmean(r["bits_per_input"] for r in rs),
             "ratio_mean": statistics.fmean(ratios) if ratios else math.nan,
             "ratio_sd": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
+            "fvu_q_sd": statistics.stdev(r["fvu_quantized"] for r in rs) if len(rs) > 1 else 0.0,
+            "bits_sd": statistics.stdev(r["bits_per_input"] for r in rs) if len(rs) > 1 else 0.0,
+            "l0_mean": statistics.fmean(r["l0"] for r in rs),
+            **({"l0_parents_mean": statistics.fmean(r["l0_parents"] for r in rs),
+                "dense_parents_mean": statistics.fmean(r["dense_parents"] for r in rs),
+                "saved_bits_mean": statistics.fmean(r["saved_bits"] for r in rs)}
+               if kind == "hierarchical" else {}),
         })
 
     # the best hierarchical SAE (lowest ratio), its parents and children, its codec check
@@ -277,13 +309,18 @@ def main(argv=None) -> dict:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
 
-    print("\nkind          shape   target  FVU_q   DL bits  TopK frontier there  ratio"
-          + ("  (mean ± sd over seeds)" if len(args.seeds) > 1 else ""))
+    print("\nkind          shape   target  FVU_q           DL bits        TopK there  ratio"
+          "            L0     (mean ± sd over seeds; hierarchical: parents' L0, dense "
+          "parents, bits saved by the conditional code)")
     for g in summary_rows:
         front_bits = g["bits_mean"] / g["ratio_mean"] if g["ratio_mean"] else math.nan
-        print(f"{g['kind']:<13} {g['shape']:<7} {g['target_fvu']:<6g}  {g['fvu_q_mean']:.3f}  "
-              f"{g['bits_mean']:7.1f}  {front_bits:10.1f}           {g['ratio_mean']:.3f}"
-              + (f" ± {g['ratio_sd']:.3f}" if len(args.seeds) > 1 else ""))
+        extra = (f"  parents L0 {g['l0_parents_mean']:.1f}, dense "
+                 f"{100 * g['dense_parents_mean']:.0f}%, saved {g['saved_bits_mean']:.1f} bits"
+                 if g["kind"] == "hierarchical" else "")
+        print(f"{g['kind']:<13} {g['shape']:<7} {g['target_fvu']:<6g}  "
+              f"{g['fvu_q_mean']:.3f} ± {g['fvu_q_sd']:.3f}  {g['bits_mean']:6.1f} ± "
+              f"{g['bits_sd']:4.1f}  {front_bits:8.1f}  {g['ratio_mean']:.3f} ± "
+              f"{g['ratio_sd']:.3f}  {g['l0_mean']:5.1f}{extra}")
     if best is not None:
         verdict = "on or below" if best["ratio_to_topk"] <= 1 else "ABOVE"
         print(f"\nbest hierarchical: {best['shape']} at target {best['target_fvu']:g}: "

@@ -208,18 +208,22 @@ def test_codec_round_trip_of_sae_code():
     log_w=st.floats(-8, 2),
     scale=st.floats(0.1, 10),
     child_topk=st.one_of(st.none(), st.integers(1, 3)),
+    activation=st.sampled_from(["relu", "jumprelu"]),
 )
 def test_encoder_never_activates_orphan_child(
-    seed, n_parents, children, d_in, log_w, scale, child_topk
+    seed, n_parents, children, d_in, log_w, scale, child_topk, activation
 ):
     cfg = HierarchicalSAEConfig(
-        d_in=d_in, n_parents=n_parents, children_per_parent=children, child_topk=child_topk
+        d_in=d_in, n_parents=n_parents, children_per_parent=children, child_topk=child_topk,
+        activation=activation,
     )
     sae = HierarchicalSAE(cfg, seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # arbitrary weights, not just the initialisation
         sae.W_enc.copy_(torch.randn(d_in, cfg.d_sae, generator=g))
         sae.b_enc.copy_(torch.randn(cfg.d_sae, generator=g))
+        if activation == "jumprelu":
+            sae.threshold.copy_(torch.rand(cfg.d_sae, generator=g) * scale)
     x = scale * torch.randn(64, d_in, generator=g)
     f = sae.encode(x).detach()
     parent_of = sae.parent_index

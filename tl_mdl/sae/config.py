@@ -145,12 +145,15 @@ class SAEConfig:
         """Inverse of :meth:`to_dict`; also accepts SAELens ``cfg.json`` dicts."""
         d = dict(d)
         arch = d.pop("architecture", None)
+        # an unknown architecture is refused even when the dict names an activation (a
+        # hierarchical SAE's cfg.json has both)
+        if ("activation" not in d or arch is not None) and arch not in (
+                ACTIVATION_OF_ARCHITECTURE):
+            raise ValueError(
+                f"cfg architecture {arch!r} is not supported by tl_mdl; supported: "
+                f"{sorted(ACTIVATION_OF_ARCHITECTURE)}"
+            )
         if "activation" not in d:
-            if arch not in ACTIVATION_OF_ARCHITECTURE:
-                raise ValueError(
-                    f"cfg architecture {arch!r} is not supported by tl_mdl; supported: "
-                    f"{sorted(ACTIVATION_OF_ARCHITECTURE)}"
-                )
             d["activation"] = ACTIVATION_OF_ARCHITECTURE[arch]
         value = d.pop("normalize_activations", "none")
         if value not in ("none", None):

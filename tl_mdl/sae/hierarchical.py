@@ -7,10 +7,12 @@ Latent order (``F = P + P·C`` features for ``P`` parents with ``C`` children ea
 
 so ``parent_index[i] = -1`` for ``i < P`` and ``parent_index[P + a·C + j] = a``.
 
-Encoder (``x̃ = x − b_dec`` when ``apply_b_dec_to_input``)::
+Encoder (``x̃ = x − b_dec`` when ``apply_b_dec_to_input``; ``act`` is ``ReLU`` or, with
+``activation="jumprelu"``, ``JumpReLU(z) = z · [z > θ_i]`` with a learned threshold per
+feature, what the ``mdl`` objective trains)::
 
-    f_a = ReLU(x̃ W_enc[:, a] + b_enc[a])                                  (parents)
-    f_c = min(ReLU(x̃ W_enc[:, c] + b_enc[c]), f_{parent(c)})             (children)
+    f_a = act(x̃ W_enc[:, a] + b_enc[a])                                   (parents)
+    f_c = min(act(x̃ W_enc[:, c] + b_enc[c]), f_{parent(c)})              (children)
 
 The gate ``f_c <= f_{parent(c)}`` makes a child inactive wherever its parent is, and more:
 for *every* bin width ``w`` a child that survives quantisation (``round(f_c / w) != 0``, so
@@ -35,7 +37,7 @@ from torch import Tensor
 
 from tl_mdl.codec.hierarchy import check_gating, check_parent_index
 from tl_mdl.sae.config import dtype_from_str, normalise_dtype_device
-from tl_mdl.sae.model import SAEBase, read_sae_folder
+from tl_mdl.sae.model import SAEBase, _JumpReLUFn, read_sae_folder
 
 ARCHITECTURE = "tl_mdl_hierarchical"
 
@@ -63,6 +65,10 @@ class HierarchicalSAEConfig:
         hook_name: the TransformerLens hook the SAE was trained on (metadata, optional).
         dtype, device: where the parameters live.
         metadata: free-form JSON-serialisable dict kept through save/load.
+        activation: ``"relu"`` or ``"jumprelu"`` (one learned threshold per feature, applied
+            before the gate; :func:`~tl_mdl.train_hierarchical_sae` with the ``mdl``
+            objective chooses it). Configs saved without it load as ``"relu"``.
+        jumprelu_init_threshold: initial threshold for ``"jumprelu"``.
 
     ``d_sae = P · (1 + C)`` is derived.
     """
@@ -76,6 +82,8 @@ class HierarchicalSAEConfig:
     dtype: str = "float32"
     device: str = "cpu"
     metadata: dict[str, Any] = field(default_factory=dict)
+    activation: str = "relu"
+    jumprelu_init_threshold: float = 1e-3
 
     def __post_init__(self) -> None:
         for name, low in (("d_in", 1), ("n_parents", 1), ("children_per_parent", 0)):
@@ -88,6 +96,11 @@ class HierarchicalSAEConfig:
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(
                 f"HierarchicalSAEConfig.child_topk must be None or an int >= 1, got {k!r}"
+            )
+        if self.activation not in ("relu", "jumprelu"):
+            raise ValueError(
+                f"HierarchicalSAEConfig.activation={self.activation!r} is unknown; use 'relu' "
+                "or 'jumprelu'"
             )
         normalise_dtype_device(self)
 
@@ -160,6 +173,10 @@ class HierarchicalSAE(SAEBase):
             raise TypeError(f"HierarchicalSAE needs a HierarchicalSAEConfig, got {type(cfg)}")
         self.cfg = cfg = copy.deepcopy(cfg)  # the SAE's own: the caller's is never changed
         self._make_parameters()
+        if cfg.activation == "jumprelu":
+            self.threshold = torch.nn.Parameter(torch.full(
+                (cfg.d_sae,), cfg.jumprelu_init_threshold, dtype=cfg.torch_dtype,
+                device=cfg.device))
         pi = hierarchy_parent_index(cfg.n_parents, cfg.children_per_parent)
         self.register_buffer("parent_index", pi.to(cfg.device), persistent=False)
         self.reset_parameters(seed)
@@ -191,11 +208,20 @@ class HierarchicalSAE(SAEBase):
         start = self.cfg.n_parents + parent * c
         return range(start, start + c)
 
+    jumprelu_bandwidth: float = 1e-3
+
     def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
-        """Parents ``ReLU(pre)``; children ``min(ReLU(pre), parent's latent)``, then (with
+        """Parents ``act(pre)``; children ``min(act(pre), parent's latent)``, then (with
         ``child_topk``) only the ``k`` largest children of each parent kept."""
+        if self.cfg.activation == "jumprelu":
+            return self.gate(_JumpReLUFn.apply(pre, self.threshold, self.jumprelu_bandwidth))
+        return self.gate(torch.relu(pre))
+
+    def gate(self, f: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
+        """The hierarchy applied to non-negative latents ``f``: parents kept, each child
+        ``min(f_c, f_parent)``, then (with ``child_topk``) the ``k`` largest children of
+        each parent kept."""
         p, c = self.cfg.n_parents, self.cfg.children_per_parent
-        f = torch.relu(pre)
         if c == 0:
             return f
         parents = f[..., :p]
@@ -213,8 +239,11 @@ class HierarchicalSAE(SAEBase):
 
         Not output-preserving in general (the gate compares a child's latent with its
         parent's, and rescaling them differently moves where ``min`` switches); use it
-        during training only, like SAELens does."""
-        self._unit_norm_decoder_rows()
+        during training only, like SAELens does. JumpReLU thresholds take the scale with
+        the encoder."""
+        norms = self._unit_norm_decoder_rows()
+        if self.cfg.activation == "jumprelu":
+            self.threshold *= norms
 
     # -------------------------------------------------------------- save/load
     @classmethod
@@ -232,6 +261,7 @@ class HierarchicalSAE(SAEBase):
         return (
             f"d_in={c.d_in}, n_parents={c.n_parents}, "
             f"children_per_parent={c.children_per_parent}, d_sae={c.d_sae}"
+            + (", activation='jumprelu'" if c.activation == "jumprelu" else "")
         )
 
 

@@ -1,8 +1,15 @@
 """Training hierarchical SAEs with the conditional MDL objective, and sweeps over
 (parents × children per parent).
 
-``hierarchical_mdl`` — the ``mdl`` surrogate of :mod:`tl_mdl.training.objectives` with the
-presence term coded conditionally, as :mod:`tl_mdl.mdl.hierarchical` counts it. With the
+``hierarchical_mdl`` (also what ``"mdl"`` means here) — for a hierarchical JumpReLU SAE,
+straight-through estimates of the exact conditional code length with a TopK warm start
+(:mod:`tl_mdl.training.conditional_code`, docs/math.md §6). :func:`train_hierarchical_sae`
+gives a ReLU config thresholds (``activation="jumprelu"``) for it, as
+:func:`~tl_mdl.train_sae` does for flat SAEs.
+
+For a ReLU hierarchical SAE trained through :func:`~tl_mdl.train_sae` directly, the older
+smooth surrogate :func:`hierarchical_mdl_penalty`: the ``mdl`` surrogate of
+:mod:`tl_mdl.training.objectives` with the presence term coded conditionally. With the
 same bin width ``w`` and soft presence ``s_{n,i} = σ((f_{n,i} − w/2)/(w/4)) · [f_{n,i} > 0]``
 (``p̂_i = mean_n s_{n,i}``):
 
@@ -11,13 +18,14 @@ same bin width ``w`` and soft presence ``s_{n,i} = σ((f_{n,i} − w/2)/(w/4)) �
   ``p̂_{i|a} = Σ_n s_{n,i} / Σ_n s_{n,a}`` (``<= 1``: the gate keeps ``f_i <= f_a``);
 * value bits ``(1/B) Σ_{n,i} s_{n,i} · log2(1 + f_{n,i}/w)``, as in the flat surrogate.
 
-``loss = FVU + λ · DL_surrogate``. Registered as objective ``"hierarchical_mdl"``.
+``loss = FVU + λ · DL_surrogate``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,6 +39,7 @@ from tl_mdl.mdl import DEFAULT_TOLERANCE
 from tl_mdl.mdl.hierarchical import hierarchical_dl_report
 from tl_mdl.mdl.select import resolve_fvu_threshold
 from tl_mdl.sae.hierarchical import HierarchicalSAE, HierarchicalSAEConfig
+from tl_mdl.training.conditional_code import ConditionalCodeLengthObjective
 from tl_mdl.training.objectives import (
     _LN2,
     batch_fvu,
@@ -85,13 +94,24 @@ def hierarchical_mdl_penalty(
     return presence + values
 
 
-def _hierarchical_mdl(sae, x, latents, x_hat, sparsity, tolerance):
+def smooth_hierarchical_mdl(sae, x, latents, x_hat, sparsity, tolerance):
+    """``FVU + λ · hierarchical_mdl_penalty`` (the smooth surrogate, module docstring)."""
     rec = batch_fvu(x, x_hat)
     dl = hierarchical_mdl_penalty(latents, sae, x, tolerance=tolerance)
     return rec + sparsity * dl, {"fvu": float(rec.detach()), "dl_bits": float(dl.detach())}
 
 
-register_objective("hierarchical_mdl", _hierarchical_mdl)
+register_objective("hierarchical_mdl", ConditionalCodeLengthObjective)
+
+#: objectives that train a hierarchical SAE with the conditional code length (JumpReLU)
+_CODE_LENGTH = ("mdl", "hierarchical_mdl")
+
+
+def _for_objective(cfg: HierarchicalSAEConfig, objective: str) -> HierarchicalSAEConfig:
+    """The config the objective trains: thresholds for the code length."""
+    if objective in _CODE_LENGTH and cfg.activation == "relu":
+        return replace(cfg, activation="jumprelu")
+    return cfg
 
 
 def train_hierarchical_sae(
@@ -111,13 +131,19 @@ def train_hierarchical_sae(
     **train_kwargs: Any,
 ) -> HierarchicalSAE | TrainResult:
     """Train a :class:`~tl_mdl.HierarchicalSAE` with Adam on ``activations`` (``[N, d_in]``
-    or an iterable of batches), minimising ``FVU + λ · DL`` with the conditional surrogate
-    (``objective="hierarchical_mdl"``; any registered objective works, e.g. ``"mdl"`` to
-    train it with the flat surrogate). Same batches, learning-rate schedule, ``b_dec``
-    initialisation, checkpoints/resume and Ctrl-C handling as :func:`tl_mdl.train_sae`
-    (it *is* ``train_sae`` with the conditional objective): without ``steps`` or ``epochs``
-    it trains until the convergence rule stops it, and ``target_fvu=`` adapts λ.
-    Returns the SAE, or a ``TrainResult`` with the loss history."""
+    or an iterable of batches), minimising ``FVU + λ · DL`` with DL the conditional code
+    length (``objective="hierarchical_mdl"`` or ``"mdl"``, the same objective here: see
+    :mod:`tl_mdl.training.conditional_code`; a ReLU ``cfg`` is trained as
+    ``activation="jumprelu"``, with a TopK warm start over the parents, settings
+    ``warm_start_frac`` / ``warm_start_k``). Any other registered objective works too.
+    Same batches, learning-rate schedule, ``b_dec`` initialisation, checkpoints/resume and
+    Ctrl-C handling as :func:`tl_mdl.train_sae` (it *is* ``train_sae`` with the conditional
+    objective): without ``steps`` or ``epochs`` it trains until the convergence rule stops
+    it, and ``target_fvu=`` adapts λ by the same dual ascent. Returns the SAE, or a
+    ``TrainResult`` with the loss history."""
+    if objective == "mdl":
+        objective = "hierarchical_mdl"
+    cfg = _for_objective(cfg, objective)
     return train_sae(
         activations, cfg, objective, sparsity=sparsity, steps=steps, epochs=epochs,
         batch_size=batch_size, lr=lr, tolerance=tolerance, seed=seed, progress=progress,
@@ -211,9 +237,9 @@ def sweep_hierarchical(
         tag = f"p{p}_c{c}" + (f"_k{child_topk}" if child_topk is not None else "")
         name = f"{tag}_s{sp:g}"
         folder = out / name if out is not None else None
-        cfg = HierarchicalSAEConfig(
+        cfg = _for_objective(HierarchicalSAEConfig(
             d_in=d_in, n_parents=p, children_per_parent=c, child_topk=child_topk
-        )
+        ), objective)
         settings = row_settings(
             cfg, objective, sp, seed, train_kwargs, tolerance, train_data, eval_data
         )
@@ -251,6 +277,7 @@ def sweep_hierarchical(
 
 __all__ = [
     "hierarchical_mdl_penalty",
+    "smooth_hierarchical_mdl",
     "train_hierarchical_sae",
     "sweep_hierarchical",
     "HierarchicalSweepTable",
