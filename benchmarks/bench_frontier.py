@@ -27,6 +27,7 @@ instead of extrapolating.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -80,13 +81,49 @@ def score(sae, test: torch.Tensor) -> dict[str, float]:
             "l0": rep.l0}
 
 
-def one_seed(train, test, width: int, ks, seed: int, a) -> dict:
+def trained(train, test, cfg: SAEConfig, objective: str, kw: dict, **extra) -> dict:
+    """Train and score one SAE; its score, the steps taken and the step at which the
+    plateau rule held on the held-out history (``track_heldout``: both sides hold out the
+    same rows and evaluate every 100 steps, so both train on the same rows)."""
+    res = train_sae(train, cfg, objective, return_history=True, track_heldout=True, **kw,
+                    **extra)
+    return {**score(res.sae, test), "steps": res.steps, "converged_at": res.converged_at}
+
+
+def topk_cached(name, train, test, width, k, seed, a, kw) -> dict:
+    """A TopK run, from ``--cache`` when the same (case, width, k, seed, budget) was run."""
+    key = f"{name.replace(' ', '_')}_w{width}_k{k}_s{seed}_{a.steps}x{a.batch_size}_lr{a.lr}"
+    path = os.path.join(a.cache, key + ".json") if a.cache else None
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    row = trained(train, test, SAEConfig(train.shape[1], width, activation="topk", k=k),
+                  "topk", kw)
+    if path:
+        os.makedirs(a.cache, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(row, f)
+    return row
+
+
+def one_seed(name, train, test, width: int, ks, seed: int, a) -> dict:
     kw = dict(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=seed, progress=False)
-    topk = [score(train_sae(train, SAEConfig(train.shape[1], width, activation="topk", k=k),
-                            "topk", **kw), test) for k in ks if k <= width]
-    mdl = {t: score(train_sae(train, SAEConfig(train.shape[1], width), "mdl", target_fvu=t,
-                              **kw), test) for t in TARGETS}
+    topk = [topk_cached(name, train, test, width, k, seed, a, kw) for k in ks if k <= width]
+    mdl = {t: trained(train, test, SAEConfig(train.shape[1], width), "mdl", kw, target_fvu=t)
+           for t in TARGETS}
     return {"topk": topk, "mdl": mdl}
+
+
+def convergence_line(name: str, runs: list[dict], steps: int) -> None:
+    """Where the plateau rule held, per side: every run should be converged in the budget."""
+    for side in ("topk", "mdl"):
+        rows = [r for run in runs for r in (run[side] if side == "topk"
+                                            else run[side].values())]
+        at = [r["converged_at"] for r in rows]
+        hit = [s for s in at if s is not None]
+        print(f"# {name} {side}: plateau rule held in {len(hit)}/{len(at)} runs, at steps "
+              + ", ".join("never" if s is None else str(s) for s in at)
+              + f" (budget {steps})", flush=True)
 
 
 def report(name: str, runs: list[dict]) -> None:
@@ -124,6 +161,8 @@ def main() -> int:
     ap.add_argument("--only", choices=["mnist", "lm"], default=None)
     ap.add_argument("--widths", default=None, help="MNIST widths, e.g. 128,512")
     ap.add_argument("--ks", default=None, help="MNIST TopK k values, e.g. 6,10,16,24")
+    ap.add_argument("--cache", default=None,
+                    help="folder for TopK results, reused by reruns with the same budget")
     a = add_args(ap, rounds=1).parse_args()
     a.steps = a.steps or (3000 if a.full else 1500)
     seeds = range(a.seeds or (3 if a.full else 1))
@@ -131,6 +170,10 @@ def main() -> int:
                   a)
     print(f"# {a.steps} steps of {a.batch_size}, lr {a.lr}, precision tolerance "
           f"{TOLERANCE}, seeds {list(seeds)}", flush=True)
+    print("# convergence rule (README 'Training budget'): held-out evaluation every 100 "
+          "steps; converged at the first evaluation where the best of the last 10 is not "
+          "0.5% below the best before them (after the MDL side's TopK warm start)",
+          flush=True)
     cases = []
     if a.only in (None, "mnist"):
         train, test = mnist(a.train)
@@ -147,7 +190,7 @@ def main() -> int:
         t0 = time.perf_counter()
         runs = []
         for s in seeds:
-            runs.append(one_seed(train, test, width, ks, s, a))
+            runs.append(one_seed(name, train, test, width, ks, s, a))
             for t, row in runs[-1]["mdl"].items():  # each seed as it finishes
                 b = frontier_bits_at(runs[-1]["topk"], row["fvu_quantized"])
                 print(f"# {name} seed {s} target {t:g}: MDL {row['bits_per_input']:.2f} bits "
@@ -157,6 +200,7 @@ def main() -> int:
                                   for r in runs[-1]["topk"]), flush=True)
         print(f"# {name}: {time.perf_counter() - t0:.0f} s", flush=True)
         report(name, runs)
+        convergence_line(name, runs, a.steps)
     return bench.finish()
 
 

@@ -37,12 +37,13 @@ class TrainConfig:
     min_improvement: float = 0.005  # plateau rule: relative improvement that counts
     warm_start_frac: float = 0.2  # mdl on JumpReLU: fraction of steps trained as TopK
     warm_start_k: int | None = None  # its k (default clamp(d_sae // 8, 1, 64))
+    track_heldout: bool = False  # hold out rows and evaluate them even with a fixed budget
 
 
 #: TrainConfig fields added after checkpoints and sweep folders already existed: a stored
 #: config without them means their defaults
 NEW_FIELDS = ("target_fvu", "until_converged", "max_steps", "eval_every", "patience",
-              "min_improvement", "warm_start_frac", "warm_start_k")
+              "min_improvement", "warm_start_frac", "warm_start_k", "track_heldout")
 
 
 @dataclass
@@ -53,7 +54,11 @@ class TrainResult:
     (a warning was given), None for an explicit ``steps=`` / ``epochs=`` budget.
     ``steps``: optimiser steps taken. ``sparsity``: the final λ (adapted with
     ``target_fvu``). ``heldout_fvu``: the last held-out FVU (None without held-out
-    evaluations); ``heldout_fvu_quantized`` its quantised estimate ``fvu + tolerance``."""
+    evaluations); ``heldout_fvu_quantized`` its quantised estimate ``fvu + tolerance``.
+    ``evaluations``: one ``{"step", "value", "fvu", "warm"}`` per held-out evaluation
+    (``value`` is what the plateau rule watches). ``converged_at``: the first step at which
+    the plateau rule held (after the warm start, if any), None if it never did; with a
+    fixed budget and ``track_heldout=True`` it says whether the budget was enough."""
 
     sae: SAE
     history: list[dict[str, float]] = field(default_factory=list)
@@ -63,6 +68,8 @@ class TrainResult:
     target_fvu: float | None = None
     heldout_fvu: float | None = None
     heldout_fvu_quantized: float | None = None
+    evaluations: list[dict[str, float]] = field(default_factory=list)
+    converged_at: int | None = None
 
 
 def check_arguments(tc: TrainConfig) -> None:

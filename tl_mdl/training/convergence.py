@@ -46,24 +46,39 @@ class PlateauRule:
 @dataclass
 class FidelityTarget:
     """The multiplier λ of ``FVU + λ·penalty`` adapted so that the quantised FVU on
-    held-out data approaches ``target`` (dual ascent on ``log λ``).
+    held-out data approaches ``target``: a PI controller on ``log λ`` (the "PID
+    Lagrangian" of Stooke et al. 2020, here in velocity form).
 
     The quantised FVU is ``FVU + tolerance`` at most (the precision search allows that
     increase), so the unquantised held-out FVU is steered to ``target − tolerance``.
-    Every step, ``log λ += rate · (goal − ema) / goal`` with ``ema`` a running mean of the
-    batch FVU (weight ``1 − smoothing``) and ``goal = target − tolerance − gap``;
-    ``gap`` (held-out FVU − ``ema``, a running mean over evaluations) corrects for the
-    difference between training batches and held-out rows. λ grows while the FVU is
-    below the goal (buy bits back) and shrinks while it is above."""
+    Every step, with ``e = (goal − ema) / goal`` the relative slack (``ema`` a running
+    mean of the batch FVU, weight ``1 − smoothing``; ``goal = target − tolerance − gap``,
+    ``gap`` = held-out FVU − ``ema``, a running mean over evaluations, corrects for the
+    difference between training batches and held-out rows)::
+
+        log λ += rate · e + gain · (e − e_previous)
+
+    The integral term (``rate``) alone is dual ascent: λ grows while the FVU is below the
+    goal (buy bits back) and shrinks while above. It reacts to the FVU with a delay (the
+    weights follow λ at the optimiser's pace, the running mean lags), so alone it
+    overshoots: at width 512 on MNIST λ kept growing while the FVU was already racing
+    past the goal, the SAE collapsed to L0 ≈ 2 and did not come back within the budget.
+    The proportional term (``gain``) takes λ back as soon as the FVU moves towards or past
+    the goal, which damps the loop. Anti-windup: λ does not go below the value at which
+    the penalty is ``1e-3`` of the goal (``floor_frac``; below it the penalty changes
+    nothing, and winding λ further down only delays its return)."""
 
     target: float
     tolerance: float
     log_lam: float
-    rate: float = 0.02
+    rate: float = 0.01
+    gain: float = 2.0
     smoothing: float = 0.98
+    floor_frac: float = 1e-3
     ema: float | None = None
     gap: float = 0.0
     evaluations: int = 0
+    error: float | None = None
 
     @property
     def lam(self) -> float:
@@ -73,12 +88,19 @@ class FidelityTarget:
     def goal(self) -> float:
         return max(self.target - self.tolerance - self.gap, 1e-6)
 
-    def step(self, batch_fvu: float) -> None:
+    def step(self, batch_fvu: float, penalty: float | None = None) -> None:
+        """One training step's batch FVU (and the penalty's value, for the floor)."""
         if not math.isfinite(batch_fvu):
             return
         s = self.smoothing
         self.ema = batch_fvu if self.ema is None else s * self.ema + (1 - s) * batch_fvu
-        self.log_lam += self.rate * (self.goal - self.ema) / self.goal
+        e = (self.goal - self.ema) / self.goal
+        de = 0.0 if self.error is None else e - self.error
+        self.error = e
+        self.log_lam += self.rate * e + self.gain * de
+        if penalty is not None and math.isfinite(penalty) and penalty > 0:
+            floor = math.log(self.floor_frac * self.goal / penalty)
+            self.log_lam = max(self.log_lam, floor)
         self.log_lam = min(max(self.log_lam, -50.0), 50.0)
 
     def heldout(self, fvu: float) -> None:

@@ -126,7 +126,7 @@ class Run:
                 "several ranks (run under torchrun and call tl_mdl.training.distributed."
                 "init_distributed())"
             )
-        watch = tc.until_converged or tc.target_fvu is not None
+        watch = tc.until_converged or tc.target_fvu is not None or tc.track_heldout
         rows = heldout = None
         if watch and isinstance(activations, Tensor):
             rows, heldout = split_heldout(activations.shape[0], tc.seed)
@@ -163,6 +163,8 @@ class Run:
                        FidelityTarget(tc.target_fvu, tc.tolerance, math.log(max(tc.sparsity,
                                                                                 1e-12))))
         self.converged: bool | None = None
+        self.evaluations: list[dict[str, float]] = []
+        self.converged_at: int | None = None
         self.last_eval: dict[str, float] = {}
         self.start = 0
         self.ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -183,6 +185,7 @@ class Run:
             "warm_end": self.warm_end, "plateau": self.plateau.values,
             "target": None if self.target is None else self.target.state(),
             "converged": self.converged, "last_eval": self.last_eval,
+            "evaluations": self.evaluations, "converged_at": self.converged_at,
         }
 
     def _resume(self) -> None:
@@ -204,6 +207,8 @@ class Run:
             if self.target is not None and loop.get("target"):
                 self.target = FidelityTarget(**loop["target"])
             self.converged, self.last_eval = loop["converged"], loop["last_eval"]
+            self.evaluations = list(loop.get("evaluations", []))
+            self.converged_at = loop.get("converged_at")
 
     def checkpoint(self, step: int) -> None:
         if self.ckpt is not None and self.writer:
@@ -236,7 +241,13 @@ class Run:
     def after_evaluation(self, done: int, x: Tensor) -> None:
         """Apply the plateau rule after ``done`` steps: end the warm start, or start the
         learning-rate decay."""
-        stalled = self.plateau.update(self.evaluate())
+        warm = self.warm
+        value = self.evaluate()
+        stalled = self.plateau.update(value)
+        self.evaluations.append({"step": done, "value": value, "warm": float(warm),
+                                 "fvu": self.last_eval["fvu"]})
+        if stalled and not warm and self.converged_at is None:
+            self.converged_at = done
         if self.warm and self.warm_end is None:
             if stalled or done >= self.tc.warm_start_frac * self.tc.max_steps:
                 self.end_warm_start(done, x)
@@ -307,7 +318,7 @@ class Run:
         if not _all_finite(list(sae.parameters())):
             _check_finite_weights(sae, step, "weights")
         if self.target is not None and not self.warm:
-            self.target.step(parts.get("fvu", math.nan))
+            self.target.step(parts.get("fvu", math.nan), parts.get("dl_bits", parts.get("l1")))
         if step % tc.log_every == 0 or step + 1 == self.total:
             rec = {"step": step, "loss": float(loss.detach()), **parts,
                    "l0": float((latents != 0).sum(-1).float().mean())}
@@ -363,7 +374,7 @@ class Run:
                    "final_sparsity": self.lam, "heldout_fvu": fvu}
         sae.cfg.metadata["training"] = {**asdict(tc), **outcome}
         return TrainResult(sae, self.history, self.converged, done, self.lam, tc.target_fvu,
-                           fvu, fvu_q)
+                           fvu, fvu_q, self.evaluations, self.converged_at)
 
 
 class _StopRequests:
