@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import time
 import warnings
 
@@ -93,12 +94,39 @@ def trained(train, test, cfg: SAEConfig, objective: str, kw: dict, **extra) -> d
 def topk_cached(name, train, test, width, k, seed, a, kw) -> dict:
     """A TopK run, from ``--cache`` when the same (case, width, k, seed, budget) was run."""
     key = f"{name.replace(' ', '_')}_w{width}_k{k}_s{seed}_{a.steps}x{a.batch_size}_lr{a.lr}"
-    path = os.path.join(a.cache, key + ".json") if a.cache else None
+    return cached(key, a, lambda: trained(
+        train, test, SAEConfig(train.shape[1], width, activation="topk", k=k), "topk", kw))
+
+
+def mdl_cached(name, train, test, width, t, seed, a, kw) -> dict:
+    """An MDL run, from ``--cache`` when the same case, budget and ``tl_mdl`` source (its git
+    tree hash; no cache for an uncommitted tree) was run."""
+    tree = source_tree()
+    key = (f"{name.replace(' ', '_')}_w{width}_mdl{t:g}_s{seed}_{a.steps}x{a.batch_size}"
+           f"_lr{a.lr}_{tree}")
+    return cached(key if tree else None, a, lambda: trained(
+        train, test, SAEConfig(train.shape[1], width), "mdl", kw, target_fvu=t))
+
+
+def source_tree() -> str | None:
+    """The git tree hash of ``tl_mdl/`` when it has no uncommitted changes, else None."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "tl_mdl"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        tree = subprocess.run(["git", "rev-parse", "HEAD:tl_mdl"], cwd=root,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return None if dirty else tree[:12]
+
+
+def cached(key: str | None, a, make) -> dict:
+    path = os.path.join(a.cache, key + ".json") if a.cache and key else None
     if path and os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    row = trained(train, test, SAEConfig(train.shape[1], width, activation="topk", k=k),
-                  "topk", kw)
+    row = make()
     if path:
         os.makedirs(a.cache, exist_ok=True)
         with open(path, "w") as f:
@@ -109,8 +137,7 @@ def topk_cached(name, train, test, width, k, seed, a, kw) -> dict:
 def one_seed(name, train, test, width: int, ks, seed: int, a) -> dict:
     kw = dict(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=seed, progress=False)
     topk = [topk_cached(name, train, test, width, k, seed, a, kw) for k in ks if k <= width]
-    mdl = {t: trained(train, test, SAEConfig(train.shape[1], width), "mdl", kw, target_fvu=t)
-           for t in TARGETS}
+    mdl = {t: mdl_cached(name, train, test, width, t, seed, a, kw) for t in TARGETS}
     return {"topk": topk, "mdl": mdl}
 
 
@@ -162,7 +189,8 @@ def main() -> int:
     ap.add_argument("--widths", default=None, help="MNIST widths, e.g. 128,512")
     ap.add_argument("--ks", default=None, help="MNIST TopK k values, e.g. 6,10,16,24")
     ap.add_argument("--cache", default=None,
-                    help="folder for TopK results, reused by reruns with the same budget")
+                    help="folder for results, reused by reruns with the same budget (MDL "
+                    "runs also need the same committed tl_mdl source)")
     a = add_args(ap, rounds=1).parse_args()
     a.steps = a.steps or (3000 if a.full else 1500)
     seeds = range(a.seeds or (3 if a.full else 1))
