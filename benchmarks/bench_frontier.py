@@ -11,7 +11,17 @@ and learning rate:
   linearly in the FVU between neighbouring ``k`` (:func:`tl_mdl.mdl.frontier_bits_at`);
 * ours: ``train_sae(objective="mdl", target_fvu=t)`` for each target ``t`` (0.15, 0.25),
   scored the same way; the baseline is the TopK frontier *at the FVU_q the MDL SAE reached*
-  (not at ``t``), so the comparison is at equal fidelity whatever the target's accuracy.
+  (not at ``t``), so the comparison is at equal fidelity whatever the target's accuracy;
+* ``--l1 λ,λ,...`` (MNIST width 128): an L1 frontier too (ReLU SAEs, ``sparsity=λ``), with
+  its own ratio lines (``... vs l1``).
+
+Both sides hold out the same rows (``track_heldout=True``: ``min(N // 10, 4096)`` training
+rows, never trained on) and evaluate them every 100 steps, so both train on the same rows,
+and each case ends with a line per side saying at which step the README's convergence rule
+(best of the last 10 evaluations not 0.5% below the best before them) held in each run:
+a run where it never held was not converged within the budget. ``--cache DIR`` keeps every
+run's result (MDL runs keyed by the committed ``tl_mdl`` tree) so reruns train only what
+changed.
 
 Datasets (offline): MNIST pixels (``tl_mdl.data``: the first ``--train`` training images,
 the first 2,000 test images); LM: ``blocks.1.hook_resid_pre`` of a 2-layer model built from
@@ -134,18 +144,29 @@ def cached(key: str | None, a, make) -> dict:
     return row
 
 
-def one_seed(name, train, test, width: int, ks, seed: int, a) -> dict:
+def l1_cached(name, train, test, width, lam, seed, a, kw) -> dict:
+    """An L1 run (ReLU SAE, ``sparsity=lam``), cached like the TopK runs."""
+    key = (f"{name.replace(' ', '_')}_w{width}_l1{lam:g}_s{seed}_{a.steps}x{a.batch_size}"
+           f"_lr{a.lr}")
+    return cached(key, a, lambda: trained(
+        train, test, SAEConfig(train.shape[1], width), "l1", kw, sparsity=lam))
+
+
+def one_seed(name, train, test, width: int, ks, seed: int, a, l1s=()) -> dict:
     kw = dict(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=seed, progress=False)
     topk = [topk_cached(name, train, test, width, k, seed, a, kw) for k in ks if k <= width]
     mdl = {t: mdl_cached(name, train, test, width, t, seed, a, kw) for t in TARGETS}
-    return {"topk": topk, "mdl": mdl}
+    l1 = [l1_cached(name, train, test, width, lam, seed, a, kw) for lam in l1s]
+    return {"topk": topk, "mdl": mdl, "l1": l1}
 
 
 def convergence_line(name: str, runs: list[dict], steps: int) -> None:
     """Where the plateau rule held, per side: every run should be converged in the budget."""
-    for side in ("topk", "mdl"):
-        rows = [r for run in runs for r in (run[side] if side == "topk"
-                                            else run[side].values())]
+    for side in ("topk", "mdl", "l1"):
+        rows = [r for run in runs for r in (run[side].values() if side == "mdl"
+                                            else run[side])]
+        if not rows:
+            continue
         at = [r["converged_at"] for r in rows]
         hit = [s for s in at if s is not None]
         print(f"# {name} {side}: plateau rule held in {len(hit)}/{len(at)} runs, at steps "
@@ -153,22 +174,23 @@ def convergence_line(name: str, runs: list[dict], steps: int) -> None:
               + f" (budget {steps})", flush=True)
 
 
-def report(name: str, runs: list[dict]) -> None:
+def report(name: str, runs: list[dict], side: str = "topk") -> None:
+    """One ratio line per target against the ``side`` frontier (``topk`` or ``l1``)."""
     for t in TARGETS:
         ours, base, ratios, fvus = [], [], [], []
         for run in runs:
             row = run["mdl"][t]
-            b = frontier_bits_at(run["topk"], row["fvu_quantized"])
+            b = frontier_bits_at(run[side], row["fvu_quantized"])
             fvus.append(row["fvu_quantized"])
             if b is None:
                 continue
             ours.append(row["bits_per_input"])
             base.append(b)
             ratios.append(row["bits_per_input"] / b)
-        label = f"{name} target {t:g}"
+        label = f"{name} target {t:g}" + ("" if side == "topk" else f" vs {side}")
         fq = ", ".join(f"{f:.3f}" for f in fvus)
         if not ratios:
-            print(f"# {label}: the MDL SAE's FVU_q ({fq}) is outside the TopK frontier's "
+            print(f"# {label}: the MDL SAE's FVU_q ({fq}) is outside the {side} frontier's "
                   "range; no interpolation", flush=True)
             continue
         sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
@@ -188,6 +210,9 @@ def main() -> int:
     ap.add_argument("--only", choices=["mnist", "lm"], default=None)
     ap.add_argument("--widths", default=None, help="MNIST widths, e.g. 128,512")
     ap.add_argument("--ks", default=None, help="MNIST TopK k values, e.g. 6,10,16,24")
+    ap.add_argument("--l1", default=None,
+                    help="also an L1 frontier at these λ (MNIST width 128 only), e.g. "
+                    "0.03,0.1,0.3; printed as its own ratio lines")
     ap.add_argument("--cache", default=None,
                     help="folder for results, reused by reruns with the same budget (MDL "
                     "runs also need the same committed tl_mdl source)")
@@ -218,7 +243,9 @@ def main() -> int:
         t0 = time.perf_counter()
         runs = []
         for s in seeds:
-            runs.append(one_seed(name, train, test, width, ks, s, a))
+            l1s = (tuple(float(v) for v in a.l1.split(","))
+                   if a.l1 and name == "mnist w128" else ())
+            runs.append(one_seed(name, train, test, width, ks, s, a, l1s))
             for t, row in runs[-1]["mdl"].items():  # each seed as it finishes
                 b = frontier_bits_at(runs[-1]["topk"], row["fvu_quantized"])
                 print(f"# {name} seed {s} target {t:g}: MDL {row['bits_per_input']:.2f} bits "
@@ -228,6 +255,12 @@ def main() -> int:
                                   for r in runs[-1]["topk"]), flush=True)
         print(f"# {name}: {time.perf_counter() - t0:.0f} s", flush=True)
         report(name, runs)
+        if runs[0]["l1"]:
+            for run in runs:
+                print(f"# {name} L1 (bits at FVU_q): " + ", ".join(
+                    f"{r['fvu_quantized']:.3f}:{r['bits_per_input']:.1f}" for r in run["l1"]),
+                    flush=True)
+            report(name, runs, "l1")
         convergence_line(name, runs, a.steps)
     return bench.finish()
 
