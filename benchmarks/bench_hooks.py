@@ -14,9 +14,12 @@ encoder GEMM), wide spreads and an overloaded machine.
 
 A ~400 ms forward hides a few ms of SAE work in its noise, so the SAE part is also timed
 alone, on the hook's activations (``--micro-rounds`` rounds of the fastest of 5 calls): the
-splice's own SAE computation (encoder GEMM into its reused buffer, top-k or ReLU, decode)
-against the encoder GEMM alone, and the splice-vs-floor ratio that implies with the bare
-model's median time added to both sides.
+splice's own SAE computation (encoder GEMM into its pre-activation buffer, top-k or ReLU,
+decode) against the encoder GEMM alone, and the splice-vs-floor ratio that implies with the
+bare model's median time added to both sides. Twice: with the buffer kept from call to call
+(forwards inside one ``attach_sae`` block), and with a new one per call (an attach per
+forward, as timed above; a new 32 MiB buffer is fresh pages to fault in, as the floor's
+GEMM output is).
 """
 
 from __future__ import annotations
@@ -158,7 +161,10 @@ def sae_part(bench: Bench, saes: dict, x: torch.Tensor, enc: SAE, bare_ms: float
         if name.startswith("relu dense"):
             continue
         kernel = _TlMdlKernel(sae, {h: HookPoint() for h in SAE_INNER_HOOKS})
-        runs[name] = lambda kernel=kernel: kernel.run(x)
+        runs[f"{name}, buffer kept"] = lambda kernel=kernel: kernel.run(x)
+        # what the forward above does: attach (new kernel, new buffer) once per forward
+        runs[f"{name}, attached per call"] = lambda sae=sae: _TlMdlKernel(
+            sae, {h: HookPoint() for h in SAE_INNER_HOOKS}).run(x)
     repeats, bench.repeats = bench.repeats, 5
     with torch.no_grad():
         t = bench.interleaved(runs, rounds=rounds)
