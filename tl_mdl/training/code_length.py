@@ -198,10 +198,27 @@ class CodeLengthObjective:
         if self.warm:
             return rec, {"fvu": float(rec.detach())}
         if not self.applies(sae):
-            return smooth_mdl(sae, x, latents, x_hat, sparsity, tolerance)
+            return self._fallback(sae, x, latents, x_hat, sparsity, tolerance)
         box, self._box = self._box, {}
         # held-out evaluations run without gradients and leave the running means alone
-        update = torch.is_grad_enabled()
+        dl, bits = self._dl(sae, x, latents, box, tolerance, torch.is_grad_enabled())
+        return rec + sparsity * dl, {"fvu": float(rec.detach()), "dl_bits": bits}
+
+    @staticmethod
+    def _fallback(sae, x, latents, x_hat, sparsity, tolerance):
+        """The loss for an SAE the straight-through code does not apply to."""
+        return smooth_mdl(sae, x, latents, x_hat, sparsity, tolerance)
+
+    def _one_sided_near(self, sae, latents) -> tuple[float, Tensor, Tensor]:
+        """``(ε, active, #near_i)`` for latents encoded elsewhere (no masks at hand): the
+        one-sided kernel on the active side, doubled."""
+        eps = sae.jumprelu_bandwidth if self.w is None else self.w
+        active = latents > 0
+        return eps, active, 2 * (active & (latents <= sae.threshold + eps / 2)).sum(0)
+
+    def _dl(self, sae, x, latents, box: dict, tolerance, update: bool
+            ) -> tuple[Tensor, float]:
+        """The batch's code length with its straight-through gradient, and its value."""
         with torch.no_grad():
             if box.get("latents") is latents:  # encoded here: the masks are at hand
                 eps, count, near_count = box["eps"], box["active"].sum(0), box["near"].sum(0)
@@ -210,17 +227,15 @@ class CodeLengthObjective:
                 eps, count, near_count = box["eps"], (latents > 0).sum(0), box["near"].sum(0)
                 dist.all_reduce(near_count)
             else:  # latents from elsewhere: the one-sided kernel on the latents
-                eps = sae.jumprelu_bandwidth if self.w is None else self.w
-                active = latents > 0
+                eps, active, near_count = self._one_sided_near(sae, latents)
                 count = active.sum(0)
-                near_count = 2 * (active & (latents <= sae.threshold + eps / 2)).sum(0)
             cost, value_bits, w = self._costs(sae, x, latents, count.to(latents.dtype),
                                               tolerance, update)
         n = latents.shape[0]
         p = count.to(latents.dtype) / n
         dl = _Presence.apply(sae.threshold, p, near_count.to(latents.dtype), cost, value_bits,
                              1.0 / (eps * n))
-        return rec + sparsity * dl, {"fvu": float(rec.detach()), "dl_bits": float(dl.detach())}
+        return dl, float(dl.detach())
 
     def _costs(self, sae, x, latents, count, tolerance, update: bool
                ) -> tuple[Tensor, Tensor, float]:

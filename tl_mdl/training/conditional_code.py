@@ -45,7 +45,6 @@ from torch import Tensor
 from tl_mdl._sparse import topk
 from tl_mdl.sae.hierarchical import HierarchicalSAE
 from tl_mdl.training.code_length import CodeLengthObjective, _JumpCode, default_warm_start_k
-from tl_mdl.training.objectives import batch_fvu
 
 
 def _bits_hb(p: Tensor) -> Tensor:
@@ -126,19 +125,16 @@ class ConditionalCodeLengthObjective(CodeLengthObjective):
             return box["eps"], torch.cat([near[:, :n_par].sum(0),
                                           (near[:, n_par:] * parents_on).sum(0)])
         # latents from elsewhere: the one-sided kernel on the active side
-        eps = sae.jumprelu_bandwidth if self.w is None else self.w
-        active = latents > 0
-        return eps, 2 * (active & (latents <= sae.threshold + eps / 2)).sum(0)
+        eps, _, near = self._one_sided_near(sae, latents)
+        return eps, near
 
-    def __call__(self, sae, x, latents, x_hat, sparsity, tolerance):
-        rec = batch_fvu(x, x_hat)
-        if self.warm:
-            return rec, {"fvu": float(rec.detach())}
-        if not self.applies(sae):
-            from tl_mdl.training.hierarchical import smooth_hierarchical_mdl
-            return smooth_hierarchical_mdl(sae, x, latents, x_hat, sparsity, tolerance)
-        box, self._box = self._box, {}
-        update = torch.is_grad_enabled()  # held-out evaluations leave the running means
+    @staticmethod
+    def _fallback(sae, x, latents, x_hat, sparsity, tolerance):
+        from tl_mdl.training.hierarchical import smooth_hierarchical_mdl
+        return smooth_hierarchical_mdl(sae, x, latents, x_hat, sparsity, tolerance)
+
+    def _dl(self, sae, x, latents, box: dict, tolerance, update: bool
+            ) -> tuple[Tensor, float]:
         with torch.no_grad():
             eps, near = self._near(sae, latents, box)
             count = (latents > 0).sum(0).to(latents.dtype)
@@ -148,8 +144,7 @@ class ConditionalCodeLengthObjective(CodeLengthObjective):
             value = conditional_dl_estimate(count, n, value_bits, sae.parent_index)
         # value: the batch DL estimate; gradient to θ: −cost · #near / (ε n)
         st = -(cost * near.to(latents.dtype) * sae.threshold).sum() / (eps * n)
-        dl = value + st - st.detach()
-        return rec + sparsity * dl, {"fvu": float(rec.detach()), "dl_bits": float(value)}
+        return value + st - st.detach(), float(value)
 
     def _conditional_costs(self, parent_index: Tensor) -> Tensor:
         """Bits of one more firing of each feature (module docstring), from the running
