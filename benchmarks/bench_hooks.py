@@ -14,12 +14,13 @@ encoder GEMM), wide spreads and an overloaded machine.
 
 A ~400 ms forward hides a few ms of SAE work in its noise, so the SAE part is also timed
 alone, on the hook's activations (``--micro-rounds`` rounds of the fastest of 5 calls): the
-splice's own SAE computation (encoder GEMM into its pre-activation buffer, top-k or ReLU,
-decode) against the encoder GEMM alone, and the splice-vs-floor ratio that implies with the
-bare model's median time added to both sides. Twice: with the buffer kept from call to call
-(forwards inside one ``attach_sae`` block), and with a new one per call (an attach per
-forward, as timed above; a new 32 MiB buffer is fresh pages to fault in, as the floor's
-GEMM output is).
+splice's own SAE computation (the row-blocked encode: encoder GEMM of a few hundred rows at
+a time into one cache-sized buffer, top-k or ReLU nonzeros of each block, sparse decode)
+against the encoder GEMM alone, and the splice-vs-floor ratio that implies with the bare
+model's median time added to both sides. Twice: with the kernel's buffer kept from call to
+call (forwards inside one ``attach_sae`` block), and with a new kernel per call (an attach
+per forward, as timed above). The floor's GEMM writes all ``rows × d_sae`` outputs (32 MiB of
+fresh pages here); the blocked encode never holds them.
 """
 
 from __future__ import annotations

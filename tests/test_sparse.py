@@ -151,3 +151,43 @@ def test_topk_other_dtypes_equal_torch_topk(dtype):
     v, i = topk(x, 32)
     assert torch.equal(v.sort(-1).values, x.topk(32, dim=-1).values.sort(-1).values)
     assert torch.equal(torch.gather(x, 1, i), v)
+
+
+def test_topk_rows_that_leave_the_bounded_selection():
+    """A NaN (ranked first, as by torch.topk), -inf entries, a row of equal values (more
+    than 8 k candidates) and ordinary rows in one call: the values equal torch.topk's,
+    the columns hold them, and each row's columns come out ascending."""
+    n, f, k = 6, 2048, 32
+    x = torch.randn(n, f, generator=torch.Generator().manual_seed(8))
+    x[1] = 0.5  # every entry ties
+    x[2, : f - 8] = float("-inf")  # fewer than k finite entries
+    x[3, :: f // 8] = float("-inf")
+    v, i = topk(x, k)
+    assert torch.equal(v.sort(-1).values, x.topk(k, dim=-1).values.sort(-1).values)
+    assert torch.equal(x.gather(1, i), v)
+    assert torch.equal(i, i.sort(-1).values)
+    x[4, 5] = float("nan")
+    v, i = topk(x, k)
+    assert 5 in i[4].tolist() and v[4].isnan().sum() == 1
+    v0 = x.topk(k, dim=-1).values
+    ok = [r for r in range(n) if r != 4]
+    assert torch.equal(v[ok].sort(-1).values, v0[ok].sort(-1).values)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_topk_non_contiguous_and_split_over_threads(threads):
+    """A transposed (non-contiguous) input and rows split over two worker threads give the
+    same columns as the contiguous input in one block (a row's answer is its own)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        base = torch.randn(4096, 40, generator=torch.Generator().manual_seed(9))
+        x = base.t()
+        assert not x.is_contiguous()
+        v, i = topk(x, 64)
+        v1, i1 = topk(x.contiguous(), 64)
+        rows = torch.cat([topk(x[r:r + 1].contiguous(), 64)[1] for r in range(40)])
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(i, i1) and torch.equal(v, v1) and torch.equal(i, rows)
+    assert torch.equal(v.sort(-1).values, x.topk(64, dim=-1).values.sort(-1).values)

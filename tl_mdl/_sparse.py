@@ -125,48 +125,98 @@ def topk_decode(
 _TOPK_GROUP = 8
 
 
-def _top_columns(a: Tensor, k: int) -> Tensor:
-    """Columns (int64) of the ``k`` largest entries of each row of a float32/float64 CPU
-    matrix, in no particular order; NaN counts as the largest, as in ``torch.topk``.
-    NumPy's introselect (``argpartition``) is 2–3× faster than ``torch.topk`` at these
-    widths; rows are split over the torch threads (:func:`map_blocks`)."""
+def _grouped_columns(a: np.ndarray, maxima: np.ndarray, k: int) -> np.ndarray:
+    """Columns (ascending) of the ``k`` largest entries of each row of ``a`` through the
+    ``k`` groups with the largest ``maxima`` (their ``8 k`` members hold the row's top ``k``;
+    see :func:`topk`): two ``argpartition`` selections. NaN counts as the largest."""
+    n, f = a.shape
+    groups = f // _TOPK_GROUP
+    best = np.argpartition(maxima, groups - k, axis=1)[:, groups - k:]
+    cand = (best[:, :, None] + groups * np.arange(_TOPK_GROUP)).reshape(n, -1)
+    j = np.argpartition(np.take_along_axis(a, cand, 1), cand.shape[1] - k, axis=1)
+    return np.sort(np.take_along_axis(cand, j[:, cand.shape[1] - k:], 1), axis=1)
 
-    def part(b: Tensor) -> Tensor:
-        w = b.shape[1]
-        return torch.from_numpy(np.argpartition(b.numpy(), w - k, axis=1)[:, w - k:])
 
-    n, workers = a.shape[0], torch.get_num_threads()
-    if workers < 2 or n < 2 * workers:
-        return part(a)
-    return torch.cat(map_blocks(part, a.split(-(-n // workers))))
+def _bounded_columns(a: np.ndarray, maxima: np.ndarray, k: int) -> np.ndarray:
+    """Columns (ascending) of the ``k`` largest entries of each row of ``a``, given the
+    maxima of its ``G`` strided column groups (:func:`topk`).
+
+    ``t``, the ``k``-th largest group maximum, is a lower bound of the row's ``k``-th largest
+    entry (the ``k`` best groups each hold an entry ≥ ``t``), so the entries ``≥ t``
+    (about ``k``, never fewer) hold the top ``k``. Those candidates, in column order, are
+    cut to the ``k`` largest by value: every one above the ``k``-th largest value ``v``, and
+    the first ties at ``v`` in column order. Only ``np.partition`` of values is used (several
+    times faster than ``argpartition``), and each row's answer depends on that row alone.
+    Rows with a NaN (which ``torch.topk`` ranks first) or ``t = -inf`` go through
+    :func:`_grouped_columns`, as do rows with more than ``8 k`` candidates (ties at ``t``)."""
+    n, f = a.shape
+    groups = maxima.shape[1]
+    t = np.partition(maxima, groups - k, axis=1)[:, groups - k]
+    if np.isnan(t).any() or np.isnan(maxima).any() or np.isneginf(t).any():
+        return _grouped_columns(a, maxima, k)
+    idx = np.flatnonzero(a >= t[:, None])
+    r, c = np.divmod(idx, f)
+    counts = np.bincount(r, minlength=n)
+    if (counts == k).all():
+        return c.reshape(n, k)
+    heavy = counts > _TOPK_GROUP * k
+    if heavy.any():
+        out = np.empty((n, k), dtype=np.int64)
+        out[heavy] = _grouped_columns(a[heavy], maxima[heavy], k)
+        light = ~heavy
+        out[light] = _bounded_columns(a[light], maxima[light], k)
+        return out
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    pos = np.arange(idx.size) - starts[r]
+    cv = a[r, c]
+    # the k-th largest candidate per row: candidates padded with -inf (below all of them)
+    width = int(counts.max())
+    vals = np.full((n, width), -np.inf, dtype=a.dtype)
+    vals[r, pos] = cv
+    v = np.partition(vals, width - k, axis=1)[:, width - k][r]
+    above, tie = cv > v, cv == v
+    need = k - np.bincount(r[above], minlength=n)  # ties each row takes, ≥ 1
+    ties_before = np.cumsum(tie) - tie  # ties earlier in the flat order
+    rank = ties_before - ties_before[starts][r]  # rank of a tie within its row
+    return c[above | (tie & (rank < need[r]))].reshape(n, k)
 
 
 def topk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``x.topk(k, dim=-1, sorted=False)`` for a 2-D ``x``: the ``k`` largest entries of each
     row and their columns, in no particular order; differentiable like ``torch.topk``.
 
-    On CPU, when the rows are wide enough, in two passes: the columns are split into
-    ``G = f / 8`` strided groups ``{j, j + G, …}``; the ``k`` groups with the largest maxima
-    hold every entry of the row's top ``k`` (an entry outside them is below ``k`` group
-    maxima, so below ``k`` entries), and the top ``k`` of those ``8 k`` candidates is the
-    answer (used for ``k ≥ 16``, where it pays). Both selections are NumPy's
-    ``argpartition`` for float32/float64 (:func:`_top_columns`), ``torch.topk`` otherwise.
-    The values are always exactly those of ``torch.topk``; where values tie at the
-    ``k``-th place, which of the tied columns is returned may differ (``torch.topk`` leaves
-    that unspecified as well).
+    On CPU, when the rows are wide enough (``k ≥ 16``, ``f / 8 ≥ 4 k``): the columns are
+    split into ``G = f / 8`` strided groups ``{j, j + G, …}`` and their maxima taken in one
+    pass; an entry outside the ``k`` groups with the largest maxima is below ``k`` group
+    maxima, so below ``k`` entries. For float32/float64 the ``k``-th largest group maximum
+    then bounds the candidates (:func:`_bounded_columns`, NumPy, rows split over the torch
+    threads); otherwise the top ``k`` of the ``8 k`` members of the best ``k`` groups
+    (``torch.topk``). The values are always exactly those of ``torch.topk``; where values
+    tie at the ``k``-th place, which of the tied columns is returned may differ
+    (``torch.topk`` leaves that unspecified as well).
     """
     n, f = x.shape
     g = _TOPK_GROUP
     if x.device.type != "cpu" or k < 16 or f % g or f // g < 4 * k or n == 0:
         return x.topk(k, dim=-1, sorted=False)
     groups = f // g
-    maxima = x.detach().view(n, g, groups).amax(1)
+    xd = x.detach()
+    maxima = xd.reshape(n, g, groups).amax(1)
     if x.dtype not in (torch.float32, torch.float64):
         best = maxima.topk(k, dim=-1, sorted=False).indices
         cand = (best.unsqueeze(-1) + groups * torch.arange(g, device=x.device)).view(n, k * g)
         values, j = x.gather(1, cand).topk(k, dim=-1, sorted=False)
         return values, cand.gather(1, j)
-    best = _top_columns(maxima, k)
-    cand = (best.unsqueeze(-1) + groups * torch.arange(g)).view(n, k * g)
-    cols = cand.gather(1, _top_columns(x.detach().gather(1, cand), k))
+    a, m = xd.numpy(), maxima.numpy()
+    workers = torch.get_num_threads()
+    if workers < 2 or n < 2 * workers:
+        cols = torch.from_numpy(_bounded_columns(a, m, k))
+    else:  # NumPy uses one core per call: rows split over the torch threads
+
+        def part(rows: Tensor) -> Tensor:
+            s, e = int(rows[0]), int(rows[-1]) + 1
+            return torch.from_numpy(_bounded_columns(a[s:e], m[s:e], k))
+
+        cols = torch.cat(map_blocks(part, torch.arange(n).split(-(-n // workers))))
     return x.gather(1, cols), cols
