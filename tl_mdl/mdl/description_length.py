@@ -72,13 +72,24 @@ def _validated_activations(activations, d_in: int) -> tuple[Tensor, float]:
 DEFAULT_MAX_MEMORY_MB = 4096
 
 
-def _chunk_rows(max_memory_mb: float | None, n: int, d_sae: int) -> int | None:
-    """Rows per chunk for a memory budget (None: everything at once fits)."""
+#: The share of the memory budget the streamed path may fill with the nonzero latents kept
+#: in sparse form between passes (chunks of dense latents take 1/16 of it).
+_KEEP_FRACTION = 0.25
+
+
+def _budget_bytes(max_memory_mb: float | None) -> float:
+    """The memory budget in bytes (``None``: ``DEFAULT_MAX_MEMORY_MB``), validated."""
     if max_memory_mb is None:
         max_memory_mb = DEFAULT_MAX_MEMORY_MB
     budget = float(max_memory_mb) * 2**20
     if not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"max_memory_mb must be a finite number > 0, got {max_memory_mb!r}")
+    return budget
+
+
+def _chunk_rows(max_memory_mb: float | None, n: int, d_sae: int) -> int | None:
+    """Rows per chunk for a memory budget (None: everything at once fits)."""
+    budget = _budget_bytes(max_memory_mb)
     if n * d_sae * 4 <= budget:
         return None
     return max(1, int(budget / (64 * d_sae)))
@@ -112,9 +123,11 @@ def description_length(
     take more than that, the inputs are processed in chunks of rows whose latents take at
     most a quarter of it (the rest is for temporaries), re-encoding every chunk on each
     pass (the unquantised error, each exact evaluation of the search, the final code
-    statistics); counts are merged across chunks, so the report is the same as without
-    it (up to float summation order). Default ``None``: all latents held at once (fastest)
-    when they take at most ``DEFAULT_MAX_MEMORY_MB`` (4096), else chunked within that budget.
+    statistics) unless the nonzero latents, kept in sparse form, fit in a quarter of the
+    budget (then the inputs are encoded once); counts are merged across chunks, so the
+    report is the same as without it (up to float summation order). Default ``None``: all
+    latents held at once (fastest) when they take at most ``DEFAULT_MAX_MEMORY_MB`` (4096),
+    else chunked within that budget.
     """
     if not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance <= 0:
         raise ValueError(f"tolerance must be a finite number > 0, got {tolerance!r}")
@@ -129,7 +142,8 @@ def description_length(
     if rows is None:
         fq = _QuantizedFVU(sae, x, encode_all(sae, x), tv)
     else:
-        fq = _StreamedQuantizedFVU(sae, x, rows, tv)
+        keep = _KEEP_FRACTION * _budget_bytes(max_memory_mb)
+        fq = _StreamedQuantizedFVU(sae, x, rows, tv, keep)
     saturation = 2 * fq.abs_max + 1e-12
 
     if callable(loss):

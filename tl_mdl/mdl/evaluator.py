@@ -114,6 +114,17 @@ class _Candidates:
         ]
         self.count = sum(part[0].numel() for part in parts)
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the CSR blocks."""
+        return sum(t.numel() * t.element_size() for b in self.blocks for t in b[2:])
+
+    @property
+    def sparse(self) -> bool:
+        """Every block is decoded as a sparse product (see :meth:`sse`)."""
+        return all(c.numel() <= _SPARSE_DENSITY * (r1 - r0) * self.f
+                   for r0, r1, c, _, _ in self.blocks)
+
     def sse(self, W: Tensor, resid: Tensor, w: float | None) -> float:
         """``Σ ‖resid − c W‖²`` for the code ``c`` equal to ``round(f / w) · w`` on the
         candidates (``f`` itself when ``w`` is None) and 0 elsewhere. The decoder sees
@@ -318,16 +329,25 @@ class _QuantizedFVU:
 
 class _StreamedQuantizedFVU(_QuantizedFVU):
     """:class:`_QuantizedFVU` over inputs in chunks of ``rows`` rows, never holding more
-    than one chunk of latents: every exact evaluation re-encodes the inputs chunk by chunk
-    (time up, memory O(rows · d_sae)). The proxy uses the same row subsample, encoded on
-    its own."""
+    than one chunk of dense latents. The first pass keeps each chunk's nonzero latents in
+    CSR form (:class:`_Candidates` at ``τ = 0``, which serve every width) while they fit in
+    ``keep_bytes`` and every block of them is sparse; the exact evaluations and the code
+    statistics then read those instead of re-encoding (an SAE with k active latents a row
+    keeps about ``8 k`` bytes a row). Otherwise every exact evaluation re-encodes the
+    inputs chunk by chunk (time up, memory O(rows · d_sae)). Either way the figures are the
+    same bit for bit: the kept candidates add only entries that quantise to 0, which weigh
+    0 in the sparse decode and are dropped from the counts. The proxy uses the same row
+    subsample, encoded on its own."""
 
-    def __init__(self, sae: SAE, x: Tensor, rows: int, tv: float | None = None):
+    def __init__(self, sae: SAE, x: Tensor, rows: int, tv: float | None = None,
+                 keep_bytes: float = 0):
         self.sae, self.x, self.rows = sae, x, max(1, int(rows))
         self.n, self.f = x.shape[0], sae.cfg.d_sae
         self.W = sae.W_dec.detach()
         self.tv = total_variance(x) if tv is None else tv
         sse, nnz, lo, hi = 0.0, 0, math.inf, -math.inf
+        kept: list[_Candidates] | None = [] if keep_bytes > 0 else None
+        held = 0
         for i, (lat, resid) in enumerate(self._chunks()):
             a, b = (float(t) for t in torch.aminmax(lat))
             _check_finite_latents(sae, a, b, lat, i * self.rows)
@@ -335,6 +355,13 @@ class _StreamedQuantizedFVU(_QuantizedFVU):
             cand = _Candidates(0.0, lat, a >= 0)  # the nonzero latents
             nnz += cand.count
             sse += cand.sse(self.W, resid, None)
+            if kept is not None:
+                held += cand.nbytes
+                if held <= keep_bytes and cand.sparse:
+                    kept.append(cand)
+                else:
+                    kept = None  # re-encode on every pass instead
+        self._kept = kept
         self.nonneg = lo >= 0
         self.abs_max = max(-lo, hi)
         self.n_nonzero = nnz
@@ -351,6 +378,12 @@ class _StreamedQuantizedFVU(_QuantizedFVU):
             yield lat, xi.to(self.W.dtype) - b_dec
 
     def _candidate_chunks(self, w: float):
+        if self._kept is not None:
+            b_dec = self.sae.b_dec.detach()
+            for i, cand in zip(range(0, self.n, self.rows), self._kept, strict=True):
+                xi = self.x[i : i + self.rows].to(self.W.device)
+                yield cand, xi.to(self.W.dtype) - b_dec
+            return
         tau = _tau(w, self.sae.W_enc.dtype)
         for lat, resid in self._chunks():
             yield _Candidates(tau, lat, self.nonneg), resid
