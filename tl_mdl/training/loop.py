@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from tl_mdl.sae import SAE, HierarchicalSAE, HierarchicalSAEConfig
 from tl_mdl.training import distributed as ddp
+from tl_mdl.training import topk_step
 from tl_mdl.training.batching import Batches, check_batch, init_b_dec, split_heldout
 from tl_mdl.training.checkpointing import (
     check_resumable,
@@ -53,7 +54,12 @@ def _loss_and_grads(
     are global). Backward runs in two parts: the objective's graph on every rank gives the
     gradient w.r.t. the gathered tensors and the objective's direct use of parameters (the
     same on every rank, so scaled by 1/world); each rank backpropagates its own rows through
-    the SAE; the sum over ranks is the single-process gradient."""
+    the SAE; the sum over ranks is the single-process gradient.
+
+    ``latents`` may be the code's nonzero values only (``[batch, k]``, the sparse TopK
+    step): the caller uses them for the L0."""
+    if not data_parallel and topk_step.applies(sae, fn):  # no dense latents (see there)
+        return topk_step.loss_and_grads(sae, fn, x, lam, tc.tolerance)
     encode = getattr(fn, "encode", None) or (lambda s, v: s.encode(v))
     if not data_parallel:
         latents = encode(sae, x)
