@@ -101,3 +101,14 @@ def test_sparse_step_applies_only_to_the_stock_topk_objective() -> None:
     assert not topk_step.applies(relu, objectives._topk)
     hier = HierarchicalSAE(HierarchicalSAEConfig(d_in=8, n_parents=4, children_per_parent=4))
     assert not topk_step.applies(hier, objectives._topk)
+
+
+def test_a_replaced_sae_method_sends_training_to_the_dense_path(monkeypatch) -> None:
+    sae = _sae(8, 64, 4)
+    seen = []
+    orig = SAE.decode
+    monkeypatch.setattr(SAE, "decode", lambda self, f: seen.append(1) or orig(self, f))
+    assert not topk_step.applies(sae, objectives._topk)
+    train_sae(_data(256, 8, seed=1), SAEConfig(d_in=8, d_sae=64, activation="topk", k=4),
+              "topk", steps=3, batch_size=64, progress=False)
+    assert len(seen) >= 3

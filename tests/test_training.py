@@ -20,6 +20,7 @@ from tl_mdl import (
     train_sae,
 )
 from tl_mdl.training import load_checkpoint, mdl_penalty
+from tl_mdl.training.loop import Run
 from tl_mdl.training.trainer import STATE_JSON as _STATE_JSON
 
 
@@ -61,20 +62,20 @@ def test_resume_reaches_the_same_weights(data, tmp_path, objective, act, k):
         pass
 
     calls = {"n": 0}
-    orig = SAE.decode  # called once per step by every objective (encoders differ)
+    orig = Run.one_step  # once per step, whichever path computes the step
 
-    def boom(self, f):
+    def boom(self, x, step):
         calls["n"] += 1
         if calls["n"] == 21:
             raise Stop
-        return orig(self, f)
+        return orig(self, x, step)
 
-    SAE.decode = boom
+    Run.one_step = boom
     try:
         with pytest.raises(Stop):
             train_sae(data, cfg, objective, checkpoint_dir=ck3, checkpoint_every=10, **kw)
     finally:
-        SAE.decode = orig
+        Run.one_step = orig
     meta, _ = load_checkpoint(ck3)
     assert meta["step"] == 20
     resumed = train_sae(data, cfg, objective, checkpoint_dir=ck3, checkpoint_every=10, **kw)

@@ -162,7 +162,7 @@ class Run:
         if self.warm and not tc.until_converged:
             self.warm_end = int(tc.warm_start_frac * self.total)
             self.warm = self.warm_end > 0
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=tc.lr)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=tc.lr, fused=True)
         self.history: list[dict[str, float]] = []
         self.plateau = PlateauRule(tc.patience, tc.min_improvement)
         self.target = (None if tc.target_fvu is None else
