@@ -175,8 +175,8 @@ class _TlMdlKernel(_Kernel):
             xb = x[s:s + rows]
             acts = torch.addmm(b_enc, xb - b_dec if shift else xb, W_enc,
                                out=buf[: xb.shape[0]]).relu_()
-            if int(torch.count_nonzero(acts)) <= SPARSE_DECODE_MAX_DENSITY * acts.numel():
-                c, v, o = to_csr(acts)  # the nonzeros (a NaN is kept, as in a dense decode)
+            c, v, o = to_csr(acts)  # the nonzeros (a NaN is kept, as in a dense decode)
+            if v.numel() <= SPARSE_DECODE_MAX_DENSITY * acts.numel():
                 out[s:s + rows] = csr_decode(c, o, v, W_dec, b_dec)
             elif s == 0:  # a dense code: the plain path, the first block not computed twice
                 pre = self._scratch(n, W_enc)
