@@ -180,3 +180,20 @@ def test_block_rows_follow_the_cache_budget():
     assert encode_block_rows(4096, 4, threads=1) == kernels.ENCODE_BLOCK_BYTES // (4096 * 4)
     assert encode_block_rows(4096, 4, threads=3) == 3 * encode_block_rows(4096, 4, threads=1)
     assert encode_block_rows(10**9, 8, threads=1) == kernels.ENCODE_BLOCK_MIN_ROWS
+
+
+@pytest.mark.parametrize("kind", ["topk", "relu sparse"])
+def test_blocked_encode_on_two_threads(small_blocks, kind):
+    """Two torch threads: blocks of twice the rows, the selection's rows split over two
+    workers; the same answer as the plain path."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sae = make_sae(kind)
+        x = torch.randn(300, D_IN, generator=torch.Generator().manual_seed(6))
+        rows = encode_block_rows(D_SAE, 4)
+        assert rows == 2 * small_blocks
+        blocked, plain = run_both(sae, x)
+        check_same(blocked, plain, x, sae, rows)
+    finally:
+        torch.set_num_threads(old)
