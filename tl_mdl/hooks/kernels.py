@@ -136,7 +136,7 @@ class _TlMdlKernel(_Kernel):
         a ReLU or TopK activation, float32/64 on CPU, no gradient through the decoder."""
         sae = self.sae
         return (
-            x.device.type == "cpu" and x.dtype == sae.W_enc.dtype
+            x.device.type == "cpu" and x.dtype == sae.W_enc.dtype == sae.W_dec.dtype
             and x.dtype in (torch.float32, torch.float64)
             and type(sae).encode_pre is SAE.encode_pre and type(sae).activation is SAE.activation
             and sae.cfg.activation in ("relu", "topk")
@@ -175,15 +175,17 @@ class _TlMdlKernel(_Kernel):
             xb = x[s:s + rows]
             acts = torch.addmm(b_enc, xb - b_dec if shift else xb, W_enc,
                                out=buf[: xb.shape[0]]).relu_()
-            c, v, o = to_csr(acts)  # the nonzeros (a NaN is kept, as in a dense decode)
-            if v.numel() <= SPARSE_DECODE_MAX_DENSITY * acts.numel():
-                out[s:s + rows] = csr_decode(c, o, v, W_dec, b_dec)
-            elif s == 0:  # a dense code: the plain path, the first block not computed twice
+            most = SPARSE_DECODE_MAX_DENSITY * acts.numel()
+            if s == 0 and int(torch.count_nonzero(acts)) > most:
+                # a dense code: the plain path, the first block not computed twice
                 pre = self._scratch(n, W_enc)
                 pre[:rows] = acts
                 rest = x[rows:]
                 torch.addmm(b_enc, rest - b_dec if shift else rest, W_enc, out=pre[rows:])
                 return decode_maybe_sparse(pre.relu_(), W_dec, b_dec)
+            c, v, o = to_csr(acts)  # the nonzeros (a NaN is kept, as in a dense decode)
+            if v.numel() <= most:
+                out[s:s + rows] = csr_decode(c, o, v, W_dec, b_dec)
             else:
                 torch.addmm(b_dec, acts, W_dec, out=out[s:s + rows])
         return out
