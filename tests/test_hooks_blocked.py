@@ -197,3 +197,21 @@ def test_blocked_encode_on_two_threads(small_blocks, kind):
         check_same(blocked, plain, x, sae, rows)
     finally:
         torch.set_num_threads(old)
+
+
+def test_a_dense_relu_code_keeps_the_plain_path_and_its_buffer(small_blocks):
+    """A ReLU SAE whose first block is dense switches to the plain path (full pre-activation
+    buffer, kept from call to call); later calls go there directly, with the same result."""
+    sae = make_sae("relu dense")
+    x = torch.randn(100, D_IN, generator=torch.Generator().manual_seed(7))
+    k = kernel(sae)
+    with torch.no_grad():
+        _, first = k.run(x)
+        buf = k._buf
+        assert k._dense_code and buf is not None and buf.shape == (100, D_SAE)
+        _, second = k.run(x)
+        _, plain = k.run(x, need_acts=True)
+    assert k._buf is buf and torch.equal(first, second)
+    check_same(first, plain, x, sae, small_blocks)
+    k.release()
+    assert not k._dense_code and k._buf is None

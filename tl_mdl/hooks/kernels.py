@@ -117,8 +117,13 @@ class _TlMdlKernel(_Kernel):
             b = self._buf = torch.empty(shape, dtype=like.dtype, device=like.device)
         return b
 
+    #: set when a ReLU code's first block was dense: later calls skip the blocked encode
+    #: (its small buffer and the full one would replace each other every call)
+    _dense_code = False
+
     def release(self) -> None:
         self._buf = None
+        self._dense_code = False
 
     def _encode_pre(self, x: Tensor, reuse: bool = False) -> Tensor:
         sae = self.sae
@@ -178,6 +183,7 @@ class _TlMdlKernel(_Kernel):
             most = SPARSE_DECODE_MAX_DENSITY * acts.numel()
             if s == 0 and int(torch.count_nonzero(acts)) > most:
                 # a dense code: the plain path, the first block not computed twice
+                self._dense_code = True
                 pre = self._scratch(n, W_enc)
                 pre[:rows] = acts
                 rest = x[rows:]
@@ -203,7 +209,7 @@ class _TlMdlKernel(_Kernel):
             need_acts or pre_grad or pre_seen
             or (use_hooks and has_hooks(h["hook_sae_acts_post"]))
         )
-        if private and need_recons and self._blockable(x):
+        if private and need_recons and not self._dense_code and self._blockable(x):
             recons = self._blocked(x.reshape(-1, x.shape[-1]))
             recons = _fire(h["hook_sae_recons"], recons.reshape(*lead, recons.shape[-1]),
                            use_hooks, seen)
