@@ -1,6 +1,7 @@
 """SAE computation through the SAE's own hook points, for :mod:`tl_mdl.hooks.attach`: one
-kernel for ``tl_mdl.SAE`` (fused encode, TopK and sparse-decode fast paths, a reused
-pre-activation buffer) and one for ``sae_lens.SAE`` (its own ``encode``/``decode``)."""
+kernel for ``tl_mdl.SAE`` (fused encode; when nothing outside the kernel sees the latents, a
+row-blocked encode of ReLU and TopK SAEs that keeps only the sparse code, in a cache-sized
+reused buffer; sparse decodes) and one for ``sae_lens.SAE`` (its own ``encode``/``decode``)."""
 
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ class _Kernel:
 class _TlMdlKernel(_Kernel):
     sae: SAE
     #: pre-activation buffer reused across forwards when nothing outside the kernel can hold
-    #: on to the latents (no hook on them, no gradient, not kept for ``observe``).
+    #: on to the latents (no hook on them, no gradient, not kept for ``observe``): one
+    #: ``[R, d_sae]`` block for the row-blocked encode, ``[rows, d_sae]`` otherwise.
     _buf: Tensor | None = None
 
     def _scratch(self, rows: int, like: Tensor) -> Tensor:
