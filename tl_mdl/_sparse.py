@@ -168,14 +168,15 @@ def _bounded_columns(a: np.ndarray, maxima: np.ndarray, k: int) -> np.ndarray:
         return out
     starts = np.zeros(n, dtype=np.int64)
     np.cumsum(counts[:-1], out=starts[1:])
-    pos = np.arange(idx.size) - starts[r]
-    cv = a[r, c]
+    cv = a.reshape(-1)[idx] if a.flags.c_contiguous else a[r, c]
     # the k-th largest candidate per row: candidates padded with -inf (below all of them)
     width = int(counts.max())
-    vals = np.full((n, width), -np.inf, dtype=a.dtype)
-    vals[r, pos] = cv
-    v = np.partition(vals, width - k, axis=1)[:, width - k][r]
+    vals = np.full(n * width, -np.inf, dtype=a.dtype)
+    vals[np.arange(idx.size) + (r * width - starts[r])] = cv
+    v = np.partition(vals.reshape(n, width), width - k, axis=1)[:, width - k][r]
     above, tie = cv > v, cv == v
+    if np.count_nonzero(tie) == n:  # no ties: v is the only one in its row
+        return c[above | tie].reshape(n, k)
     need = k - np.bincount(r[above], minlength=n)  # ties each row takes, ≥ 1
     ties_before = np.cumsum(tie) - tie  # ties earlier in the flat order
     rank = ties_before - ties_before[starts][r]  # rank of a tie within its row
