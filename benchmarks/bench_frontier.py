@@ -70,6 +70,7 @@ from tl_mdl.training import TrainConfig  # noqa: E402
 
 TOLERANCE = 0.01
 TARGETS = (0.15, 0.25)
+TARGET_SLACK = 0.015  # train_sae's own "target met" slack (the issue's "within 0.015")
 
 
 def mnist(n_train: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,9 +119,27 @@ def mdl_cached(name, train, test, width, t, seed, a, kw) -> dict:
     """An MDL run, from ``--cache`` when the same case, budget and ``tl_mdl`` source (its git
     tree hash; no cache for an uncommitted tree) was run."""
     tree = source_tree()
-    key = f"{name.replace(' ', '_')}_w{width}_mdl{t:g}_s{seed}_{budget_key(a)}_{tree}"
+    opts = mdl_options(a)
+    extra = "".join(f"_{k}-{v}" for k, v in sorted(opts.items()))
+    key = f"{name.replace(' ', '_')}_w{width}_mdl{t:g}{extra}_s{seed}_{budget_key(a)}_{tree}"
     return cached(key if tree else None, a, lambda: trained(
-        train, test, SAEConfig(train.shape[1], width), "mdl", kw, target_fvu=t))
+        train, test, SAEConfig(train.shape[1], width), "mdl", kw, target_fvu=t, **opts))
+
+
+def mdl_options(a) -> dict:
+    """``--mdl-option KEY=VALUE`` (repeatable): extra ``train_sae`` keywords for the MDL
+    runs, e.g. ``straight_through=jump``; numbers are parsed as such."""
+    opts = {}
+    for item in a.mdl_option or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--mdl-option {item!r}: write KEY=VALUE, e.g. "
+                             "straight_through=jump")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    return opts
 
 
 def source_tree() -> str | None:
@@ -207,6 +226,10 @@ def report(name: str, runs: list[dict], side: str = "topk") -> None:
             ratios.append(row["bits_per_input"] / b)
         label = f"{name} target {t:g}" + ("" if side == "topk" else f" vs {side}")
         fq = ", ".join(f"{f:.3f}" for f in fvus)
+        missed = [f for f in fvus if f > t + TARGET_SLACK]
+        if missed and side == "topk":
+            print(f"# {label}: target missed in {len(missed)}/{len(fvus)} seed(s) (test FVU_q "
+                  f"{fq}; met means <= {t + TARGET_SLACK:g})", flush=True)
         if not ratios:
             print(f"# {label}: the MDL SAE's FVU_q ({fq}) is outside the {side} frontier's "
                   "range; no interpolation", flush=True)
@@ -237,6 +260,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lm-study", default=None,
                     help="study folder holding (or receiving) the LM study's model and "
                     "activations (default: DIR/lm_study with --cache DIR, else out/lm_study)")
+    ap.add_argument("--mdl-option", action="append", metavar="KEY=VALUE",
+                    help="extra train_sae keyword for the MDL runs (repeatable), e.g. "
+                    "straight_through=jump; part of their cache key")
     ap.add_argument("--l1", default=None,
                     help="also an L1 frontier at these λ (MNIST width 128 only), e.g. "
                     "0.03,0.1,0.3; printed as its own ratio lines")

@@ -141,3 +141,40 @@ def test_lm_case_is_the_study_residual_and_is_reused(tmp_path):
     train2, test2, _ = study_residual(out, TINY_STUDY, log=lambda m: None)
     assert torch.equal(train2, train) and torch.equal(test2, test)
     assert (out / "model_bilinear" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_mdl_options_reach_train_sae_and_the_cache_key(tmp_path, monkeypatch):
+    a = bf.parse_args(["--mdl-option", "straight_through=jump", "--mdl-option",
+                       "warm_start_frac=0.1", "--cache", str(tmp_path)])
+    assert bf.mdl_options(a) == {"straight_through": "jump", "warm_start_frac": 0.1}
+    seen = {}
+
+    def fake(train, test, cfg, objective, kw, **extra):
+        seen.update(extra)
+        return {"bits_per_input": 1.0}
+
+    monkeypatch.setattr(bf, "trained", fake)
+    monkeypatch.setattr(bf, "source_tree", lambda: "tree0")
+    bf.mdl_cached("c", torch.zeros(4, 2), torch.zeros(4, 2), 4, 0.25, 0, a, {})
+    assert seen == {"target_fvu": 0.25, "straight_through": "jump", "warm_start_frac": 0.1}
+    assert os.listdir(tmp_path) == [
+        "c_w4_mdl0.25_straight_through-jump_warm_start_frac-0.1_s0_1500x256_lr0.003_tree0.json"]
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        bf.mdl_options(bf.parse_args(["--mdl-option", "jump"]))
+
+
+def test_report_flags_a_missed_target(capsys, monkeypatch):
+    """An MDL SAE above target + 0.015 is called missed; beyond the TopK frontier's range
+    there is no ratio."""
+    topk = [{"fvu_quantized": 0.339, "bits_per_input": 9.0},
+            {"fvu_quantized": 0.203, "bits_per_input": 18.0}]
+    runs = [{"topk": topk, "mdl": {0.15: {"fvu_quantized": 0.16, "bits_per_input": 1.0},
+                                   0.25: {"fvu_quantized": 0.386, "bits_per_input": 5.9}}}]
+    monkeypatch.setattr(bf, "TARGETS", (0.25,))
+    bf.report("c", runs)
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "# c target 0.25: target missed in 1/1 seed(s) (test FVU_q 0.386; met means <= 0.265)",
+        "# c target 0.25: the MDL SAE's FVU_q (0.386) is outside the topk frontier's range; "
+        "no interpolation",
+    ]
