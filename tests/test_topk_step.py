@@ -10,7 +10,7 @@ import torch
 
 from tl_mdl import SAE, SAEConfig, train_sae
 from tl_mdl.sae import HierarchicalSAE, HierarchicalSAEConfig
-from tl_mdl.training import objectives, topk_step
+from tl_mdl.training import loop, objectives, topk_step
 from tl_mdl.training.objectives import batch_fvu
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -112,3 +112,17 @@ def test_a_replaced_sae_method_sends_training_to_the_dense_path(monkeypatch) -> 
     train_sae(_data(256, 8, seed=1), SAEConfig(d_in=8, d_sae=64, activation="topk", k=4),
               "topk", steps=3, batch_size=64, progress=False)
     assert len(seen) >= 3
+
+
+@pytest.mark.parametrize("objective,act,k", [("topk", "topk", 16), ("l1", "relu", None)])
+def test_fused_adam_trains_the_unfused_trajectory_in_float64(monkeypatch, objective, act,
+                                                             k) -> None:
+    x = _data(1000, 16, seed=7, dtype=torch.float64)
+    cfg = SAEConfig(d_in=16, d_sae=256, activation=act, k=k, dtype="float64")
+    kw = dict(steps=30, batch_size=128, progress=False)
+    fused = train_sae(x, cfg, objective, **kw)
+    monkeypatch.setattr(loop, "_adam", lambda params, lr: torch.optim.Adam(params, lr=lr))
+    plain = train_sae(x, cfg, objective, **kw)
+    assert fused.cfg.metadata["training"]["steps_taken"] == 30
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
