@@ -140,12 +140,14 @@ class _TlMdlKernel(_Kernel):
 
     def _blockable(self, x: Tensor) -> bool:
         """Whether :meth:`_blocked` computes what the plain path would: our own encode and
-        a ReLU or TopK activation, float32/64 on CPU, no gradient through the decoder."""
+        decode, a ReLU or TopK activation, float32/64 on CPU, no gradient through the
+        decoder."""
         sae = self.sae
         return (
             x.device.type == "cpu" and x.dtype == sae.W_enc.dtype == sae.W_dec.dtype
             and x.dtype in (torch.float32, torch.float64)
             and type(sae).encode_pre is SAE.encode_pre and type(sae).activation is SAE.activation
+            and type(sae).decode is SAE.decode
             and sae.cfg.activation in ("relu", "topk")
             and not (torch.is_grad_enabled() and sae.W_dec.requires_grad)
         )
@@ -222,7 +224,9 @@ class _TlMdlKernel(_Kernel):
         acts: Tensor | None = None
         recons: Tensor | None = None
         if (
-            sae.cfg.activation == "topk" and need_recons and not need_acts and not need_grad
+            sae.cfg.activation == "topk" and type(sae).activation is SAE.activation
+            and type(sae).decode is SAE.decode
+            and need_recons and not need_acts and not need_grad
             and not (use_hooks and has_hooks(h["hook_sae_acts_post"]))
             and pre.device.type == "cpu"
         ):
@@ -240,8 +244,11 @@ class _TlMdlKernel(_Kernel):
                 acts = sae.activation(pre)
             acts = _fire(h["hook_sae_acts_post"], acts, use_hooks, seen)
             if need_recons:
-                flat = acts.reshape(-1, acts.shape[-1]).to(sae.W_dec.dtype)
-                recons = decode_maybe_sparse(flat, sae.W_dec, sae.b_dec)
+                if type(sae).decode is not SAE.decode:  # a subclass's own decode
+                    recons = sae.decode(acts)
+                else:
+                    flat = acts.reshape(-1, acts.shape[-1]).to(sae.W_dec.dtype)
+                    recons = decode_maybe_sparse(flat, sae.W_dec, sae.b_dec)
         if recons is not None:
             recons = _fire(h["hook_sae_recons"], recons.reshape(*lead, recons.shape[-1]),
                            use_hooks, seen)

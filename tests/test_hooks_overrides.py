@@ -1,0 +1,40 @@
+"""The splice kernel of a ``tl_mdl.SAE`` subclass that replaces ``activation`` or
+``decode``: every path (blocked, TopK fast path, plain) gives the subclass's own
+``forward``, never the stock TopK/ReLU code's reconstruction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tl_mdl import SAE, SAEConfig
+from tl_mdl._tl import HookPoint
+from tl_mdl.hooks.kernels import _TlMdlKernel
+from tl_mdl.hooks.names import SAE_INNER_HOOKS
+
+
+class HalvedLatents(SAE):
+    def activation(self, pre):
+        return super().activation(pre) * 0.5
+
+
+class ShiftedDecode(SAE):
+    def decode(self, latents):
+        return super().decode(latents) + 1.0
+
+
+@pytest.mark.parametrize("cls", [HalvedLatents, ShiftedDecode])
+@pytest.mark.parametrize("act", ["topk", "relu"])
+@pytest.mark.parametrize("need_acts", [False, True])
+def test_subclass_overrides_are_used_by_the_kernel(cls, act, need_acts):
+    cfg = SAEConfig(d_in=24, d_sae=512, activation=act, k=16 if act == "topk" else None,
+                    dtype="float64")
+    sae = cls(cfg, seed=3)
+    k = _TlMdlKernel(sae, {h: HookPoint() for h in SAE_INNER_HOOKS})
+    x = torch.randn(40, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, recons = k.run(x, need_acts=need_acts)
+        want = sae(x)
+    # float64: the kernel's fused GEMM and sparse decode differ from forward's only in
+    # summation order (terms of size <= |x| |W| ~ 1)
+    torch.testing.assert_close(recons, want, rtol=0, atol=1e-12)
