@@ -58,12 +58,33 @@ def default_warm_start_k(d_sae: int) -> int:
     return max(1, min(d_sae // 8, 64))
 
 
+def jump_curvature(sae: Any, x: Tensor) -> Tensor:
+    """``∂²FVU_B/∂f_{n,i}² = 2 ‖W_dec[i]‖² / Σ_n ‖x_n − x̄‖²`` (detached, per feature): the
+    batch FVU is quadratic in each latent, so with the gradient this gives the exact loss
+    change of switching a latent on or off."""
+    with torch.no_grad():
+        tv = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return (2 * sae.W_dec.pow(2).sum(1) / tv).to(sae.threshold.dtype)
+
+
 class _JumpCode(torch.autograd.Function):
     """JumpReLU ``f = pre · [pre > θ]`` that also leaves, in ``box``, what the code length
     needs: the float masks ``active = [pre > θ]`` and ``near = [|pre − θ| < ε/2]``, so the
     objective reads its statistics without another pass over the latents. Backward:
-    ``pre`` gets the gradient where active; ``θ`` the straight-through
-    ``−(θ/ε) Σ_n K((pre − θ)/ε) · grad``.
+    ``pre`` gets the gradient where active; ``θ`` the straight-through estimate of the
+    loss change of toggling the entries at the threshold (``docs/math.md`` §5):
+
+        ∂L/∂θ_i ≈ −(1/ε) Σ_n near · [θ_i g + H_i θ_i (θ_i/2 − f)]
+
+    ``g = ∂L/∂f``; ``H_i = ∂²L/∂f_i²``, the per-feature curvature the objective writes
+    into ``box["jump"]["hess"]`` once it has built the loss (for the batch FVU,
+    ``2 ‖W_dec[i]‖² / Σ_n ‖x_n − x̄‖²``). For a loss quadratic in each latent the bracket
+    is exactly ``L(f_i = θ_i) − L(f_i = 0)``: the cost of the jump at the threshold. The
+    first-order term alone (``H = 0``, the estimator of Rajamanoharan et al. 2024, used
+    when no curvature is given) misses ``H θ (θ/2 − f)``, which is ``+Hθ²/2`` below the
+    threshold and ``≈ −Hθ(θ/2 + (f − θ))`` above it: biased whenever the near entries are
+    not spread evenly around ``θ``, and by ``≈ −Hθε/8`` per entry (towards larger ``θ``)
+    even when they are.
 
     Both masks are dense float ``[B, F]`` tensors, written by the comparisons directly
     (``out=``; ``near`` reuses the buffer of ``pre − θ``): a quarter to a half of all
@@ -71,22 +92,34 @@ class _JumpCode(torch.autograd.Function):
     where listing them (``nonzero``, then gathering and scattering the gradient) costs
     several times more than one dense multiply-and-sum, and index pairs (16 bytes) more
     memory than a float. (Floats, not booleans: on CPU, products and sums of boolean
-    ``[B, F]`` tensors convert them first, several times slower.)"""
+    ``[B, F]`` tensors convert them first, several times slower.) The curvature term needs
+    only ``Σ_n near · (θ/2 − f)`` per feature, summed in the forward pass."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, threshold: Tensor, eps: float, box: dict) -> Tensor:
         d = pre - threshold
         active = torch.gt(d, 0, out=torch.empty_like(d))
         near = torch.lt(d.abs_(), eps / 2, out=d)
+        out = pre * active
+        jump: dict[str, Tensor] = {}
+        # Σ_n near · (θ/2 − f): the curvature term's per-feature sum, over the entries
+        # that can fire (box["can_fire"], e.g. a child where its parent fires)
+        near_f = near * box["can_fire"] if "can_fire" in box else near
+        near_count = near_f.sum(0)
+        jump["offset"] = 0.5 * threshold * near_count - (near_f * out).sum(0)
         ctx.save_for_backward(active, near, threshold)
-        ctx.eps = eps
-        box.update(active=active, near=near)
-        return pre * active
+        ctx.eps, ctx.jump = eps, jump
+        box.update(active=active, near=near, near_count=near_count, jump=jump)
+        return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
         active, near, threshold = ctx.saved_tensors
-        return g * active, -(threshold / ctx.eps) * (g * near).sum(0), None, None
+        first = (g * near).sum(0)
+        hess = ctx.jump.get("hess")
+        if hess is not None:
+            first = first + hess * ctx.jump["offset"]
+        return g * active, -(threshold / ctx.eps) * first, None, None
 
 
 class _Presence(torch.autograd.Function):
@@ -200,6 +233,8 @@ class CodeLengthObjective:
         if not self.applies(sae):
             return self._fallback(sae, x, latents, x_hat, sparsity, tolerance)
         box, self._box = self._box, {}
+        if "jump" in box:  # the reconstruction's curvature per latent, for _JumpCode
+            box["jump"]["hess"] = jump_curvature(sae, x)
         # held-out evaluations run without gradients and leave the running means alone
         dl, bits = self._dl(sae, x, latents, box, tolerance, torch.is_grad_enabled())
         return rec + sparsity * dl, {"fvu": float(rec.detach()), "dl_bits": bits}
@@ -221,7 +256,7 @@ class CodeLengthObjective:
         """The batch's code length with its straight-through gradient, and its value."""
         with torch.no_grad():
             if box.get("latents") is latents:  # encoded here: the masks are at hand
-                eps, count, near_count = box["eps"], box["active"].sum(0), box["near"].sum(0)
+                eps, count, near_count = box["eps"], box["active"].sum(0), box["near_count"]
             elif "near" in box and dist.is_initialized():  # latents gathered across
                 # ranks, each rank encoded its own rows: sum the ranks' near counts
                 eps, count, near_count = box["eps"], (latents > 0).sum(0), box["near"].sum(0)

@@ -92,8 +92,14 @@ class ConditionalCodeLengthObjective(CodeLengthObjective):
         if not self.applies(sae):
             return sae.encode(x)
         eps = sae.jumprelu_bandwidth if self.w is None else self.w
-        box: dict[str, Any] = {}
-        latents = sae.gate(_JumpCode.apply(sae.encode_pre(x), sae.threshold, eps, box))
+        pre = sae.encode_pre(x)
+        with torch.no_grad():  # a child can fire only where its parent does
+            pi = sae.parent_index
+            parent = pi.clamp_min(0)
+            can_fire = torch.where(pi >= 0, pre[:, parent] > sae.threshold[parent],
+                                   True).to(pre.dtype)
+        box: dict[str, Any] = {"can_fire": can_fire}
+        latents = sae.gate(_JumpCode.apply(pre, sae.threshold, eps, box))
         self._box = {"latents": latents, "eps": eps, **box}
         return latents
 
