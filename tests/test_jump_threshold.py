@@ -15,12 +15,12 @@ from tl_mdl.training.objectives import batch_fvu, make_objective
 
 def _threshold_grad(sae: SAE, x: torch.Tensor, eps: float, *, curvature: bool = True):
     """``∂(FVU_B)/∂θ`` as the mdl objective computes it (λ = 0: reconstruction only)."""
-    fn = make_objective("mdl", warm_start_frac=0.0)
+    # "threshold": the first-order estimator of Rajamanoharan et al. (2024)
+    fn = make_objective("mdl", warm_start_frac=0.0,
+                        straight_through="jump" if curvature else "threshold")
     fn.w = eps
     sae.zero_grad()
     latents = fn.encode(sae, x)
-    if not curvature:  # the first-order estimator of Rajamanoharan et al. (2024)
-        fn._box.pop("jump")
     loss, _ = fn(sae, x, latents, sae.decode(latents), 0.0, 0.01)
     loss.backward()
     return sae.threshold.grad.clone(), latents.detach()
@@ -115,3 +115,35 @@ def test_threshold_rests_at_the_known_mse_optimum():
     assert star - plain > 0.015, (plain, star)
     for curvature in (True, False):
         assert abs(_root(sae, x, 0.02, curvature) - star) < 0.002
+
+
+def test_pre_activation_gets_the_jump_cost_near_the_threshold():
+    """``∂pre_{n,i} = g [active] + (1/ε)[near] (FVU(f = θ) − FVU(f = 0) + push_i)``: the
+    reconstruction's exact toggle cost (recomputed entry by entry) plus the price the
+    objective puts on one firing, mirrored from the threshold's gradient since
+    ``[pre > θ]`` depends on ``pre − θ`` alone."""
+    from tl_mdl.training.code_length import _JumpCode, jump_curvature
+
+    torch.manual_seed(1)
+    sae = SAE(SAEConfig(d_in=5, d_sae=4, activation="jumprelu", dtype="float64"))
+    x = torch.randn(32, 5, dtype=torch.float64)
+    pre = sae.encode_pre(x).detach().requires_grad_()
+    theta = pre.detach().quantile(0.6, dim=0).clamp_min(0.05)
+    eps, push = 0.5, torch.tensor([0.0, 0.01, 0.02, 0.03], dtype=torch.float64)
+    box: dict = {"jump": {}}
+    latents = _JumpCode.apply(pre, theta, eps, box)
+    box["jump"].update(hess=jump_curvature(sae, x), push=push)
+    batch_fvu(x, sae.decode(latents)).backward()
+    with torch.no_grad():
+        base = latents.detach()
+        expected = torch.zeros_like(base)
+        g = 2 * (sae.decode(base) - x) @ sae.W_dec.T / (x - x.mean(0)).pow(2).sum()
+        expected += g * (base > 0)
+        near = (pre - theta).abs() < eps / 2
+        assert near.sum() >= 20
+        for n, i in near.nonzero().tolist():
+            on, off = base.clone(), base.clone()
+            on[n, i], off[n, i] = theta[i], 0.0
+            jump = batch_fvu(x, sae.decode(on)) - batch_fvu(x, sae.decode(off))
+            expected[n, i] += (jump + push[i]) / eps
+    torch.testing.assert_close(pre.grad, expected, rtol=1e-10, atol=1e-14)

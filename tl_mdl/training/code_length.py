@@ -69,22 +69,25 @@ def jump_curvature(sae: Any, x: Tensor) -> Tensor:
 
 class _JumpCode(torch.autograd.Function):
     """JumpReLU ``f = pre · [pre > θ]`` that also leaves, in ``box``, what the code length
-    needs: the float masks ``active = [pre > θ]`` and ``near = [|pre − θ| < ε/2]``, so the
-    objective reads its statistics without another pass over the latents. Backward:
-    ``pre`` gets the gradient where active; ``θ`` the straight-through estimate of the
-    loss change of toggling the entries at the threshold (``docs/math.md`` §5):
+    needs: the float masks ``active = [pre > θ]`` and ``near = [|pre − θ| < ε/2]`` and the
+    per-feature count of near entries, so the objective reads its statistics without
+    another pass over the latents.
 
-        ∂L/∂θ_i ≈ −(1/ε) Σ_n near · [θ_i g + H_i θ_i (θ_i/2 − f)]
+    Backward (``docs/math.md`` §5, "The jump's straight-through gradient"): switching entry
+    ``(n, i)`` on at the threshold changes the loss by exactly
 
-    ``g = ∂L/∂f``; ``H_i = ∂²L/∂f_i²``, the per-feature curvature the objective writes
-    into ``box["jump"]["hess"]`` once it has built the loss (for the batch FVU,
-    ``2 ‖W_dec[i]‖² / Σ_n ‖x_n − x̄‖²``). For a loss quadratic in each latent the bracket
-    is exactly ``L(f_i = θ_i) − L(f_i = 0)``: the cost of the jump at the threshold. The
-    first-order term alone (``H = 0``, the estimator of Rajamanoharan et al. 2024, used
-    when no curvature is given) misses ``H θ (θ/2 − f)``, which is ``+Hθ²/2`` below the
-    threshold and ``≈ −Hθ(θ/2 + (f − θ))`` above it: biased whenever the near entries are
-    not spread evenly around ``θ``, and by ``≈ −Hθε/8`` per entry (towards larger ``θ``)
-    even when they are.
+        J = θ_i g + H_i θ_i (θ_i/2 − f) + push_i
+
+    for a loss quadratic in each latent, ``g = ∂L/∂f`` (at the entry's present value
+    ``f``: ``pre`` if active, else 0), ``H_i = ∂²L/∂f_i²`` and ``push_i`` the rest of the
+    loss's price of one firing (``λ`` times its code length over the batch's rows): the
+    objective writes ``hess`` and ``push`` into ``box["jump"]`` once it has built the loss
+    (absent: 0). ``[pre > θ]`` depends on ``pre − θ`` alone, so its rectangle-kernel
+    straight-through estimate gives each near entry ``+J/ε`` towards ``pre`` (besides
+    ``g`` where active) and ``θ_i`` the reconstruction's part, ``−(1/ε) Σ_n near · (J −
+    push_i)`` (the code length's part reaches ``θ`` through :class:`_Presence`). Near
+    entries count only where the feature can fire (``box["can_fire"]``, e.g. a child
+    where its parent fires).
 
     Both masks are dense float ``[B, F]`` tensors, written by the comparisons directly
     (``out=``; ``near`` reuses the buffer of ``pre − θ``): a quarter to a half of all
@@ -92,34 +95,39 @@ class _JumpCode(torch.autograd.Function):
     where listing them (``nonzero``, then gathering and scattering the gradient) costs
     several times more than one dense multiply-and-sum, and index pairs (16 bytes) more
     memory than a float. (Floats, not booleans: on CPU, products and sums of boolean
-    ``[B, F]`` tensors convert them first, several times slower.) The curvature term needs
-    only ``Σ_n near · (θ/2 − f)`` per feature, summed in the forward pass."""
+    ``[B, F]`` tensors convert them first, several times slower.)"""
 
     @staticmethod
     def forward(ctx, pre: Tensor, threshold: Tensor, eps: float, box: dict) -> Tensor:
         d = pre - threshold
         active = torch.gt(d, 0, out=torch.empty_like(d))
         near = torch.lt(d.abs_(), eps / 2, out=d)
-        out = pre * active
-        jump: dict[str, Tensor] = {}
-        # Σ_n near · (θ/2 − f): the curvature term's per-feature sum, over the entries
-        # that can fire (box["can_fire"], e.g. a child where its parent fires)
         near_f = near * box["can_fire"] if "can_fire" in box else near
+        out = pre * active
         near_count = near_f.sum(0)
-        jump["offset"] = 0.5 * threshold * near_count - (near_f * out).sum(0)
-        ctx.save_for_backward(active, near, threshold)
-        ctx.eps, ctx.jump = eps, jump
-        box.update(active=active, near=near, near_count=near_count, jump=jump)
+        ctx.eps, ctx.jump = eps, box.get("jump")
+        if ctx.jump is None:  # the threshold-only estimator (CodeLengthObjective docs)
+            ctx.save_for_backward(active, near, threshold)
+        else:  # out is the latents, which the decoder keeps for its gradient anyway
+            ctx.save_for_backward(active, near_f, threshold, out, near_count)
+        box.update(active=active, near=near, near_count=near_count)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        active, near, threshold = ctx.saved_tensors
-        first = (g * near).sum(0)
-        hess = ctx.jump.get("hess")
-        if hess is not None:
-            first = first + hess * ctx.jump["offset"]
-        return g * active, -(threshold / ctx.eps) * first, None, None
+        if ctx.jump is None:
+            active, near, threshold = ctx.saved_tensors
+            return g * active, -(threshold / ctx.eps) * (g * near).sum(0), None, None
+        active, near, threshold, out, near_count = ctx.saved_tensors
+        eps = ctx.eps
+        zero = torch.zeros_like(threshold)
+        hess, push = ctx.jump.get("hess", zero), ctx.jump.get("push", zero)
+        # t = near · J / ε, one entry at a time, in three fused passes
+        t = torch.addcmul((0.5 * hess * threshold * threshold + push) / eps, g,
+                          threshold / eps)
+        t.addcmul_(out, -(hess * threshold / eps)).mul_(near)
+        g_theta = push * near_count / eps - t.sum(0)
+        return torch.addcmul(t, g, active), g_theta, None, None
 
 
 class _Presence(torch.autograd.Function):
@@ -150,16 +158,29 @@ class CodeLengthObjective:
 
     @classmethod
     def from_settings(cls, warm_start_frac: float = 0.2, warm_start_k: int | None = None,
-                      **_: Any) -> CodeLengthObjective:
-        return cls(warm_start_frac, warm_start_k)
+                      straight_through: str | None = None, **_: Any) -> CodeLengthObjective:
+        return cls(warm_start_frac, warm_start_k, straight_through)
 
-    def __init__(self, warm_start_frac: float = 0.2, warm_start_k: int | None = None):
+    #: the JumpReLU's straight-through estimator: ``"threshold"`` (thresholds only, first
+    #: order, as in Rajamanoharan et al. 2024) or ``"jump"`` (the exact toggle cost, to the
+    #: thresholds and the pre-activations: :class:`_JumpCode`, ``docs/math.md`` §5). The
+    #: class default applies wherever no ``straight_through=`` is given.
+    straight_through = "threshold"
+
+    def __init__(self, warm_start_frac: float = 0.2, warm_start_k: int | None = None,
+                 straight_through: str | None = None):
+        if straight_through not in (None, "threshold", "jump"):
+            raise ValueError(f"straight_through={straight_through!r} is unknown; use "
+                             "'threshold' or 'jump'")
+        if straight_through is not None:
+            self.straight_through = straight_through
         self.warm_start_frac, self.warm_start_k = warm_start_frac, warm_start_k
         self.p: Tensor | None = None  # running firing rates [d_sae]
         self.h: Tensor | None = None  # running value bits per firing [d_sae]
         self.w: float | None = None  # the last bin width
         self.warm = False
         self._box: dict[str, Any] = {}  # the masks of the latents encode returned last
+        self._firing_cost: Tensor | None = None  # bits of one more firing, per feature
 
     # ------------------------------------------------------------------ the trainer's hooks
     @staticmethod
@@ -184,10 +205,15 @@ class CodeLengthObjective:
         x = x.to(sae.W_enc.dtype)
         if sae.cfg.apply_b_dec_to_input:
             x = x - sae.b_dec
-        box: dict[str, Any] = {}
+        box = self._new_box()
         latents = _JumpCode.apply(torch.addmm(sae.b_enc, x, sae.W_enc), sae.threshold, eps, box)
         self._box = {"latents": latents, "eps": eps, **box}
         return latents
+
+    def _new_box(self) -> dict[str, Any]:
+        """The box _JumpCode fills; with ``"jump"`` it carries the dict the loss writes
+        the curvature and the firing price into."""
+        return {"jump": {}} if self.straight_through == "jump" else {}
 
     @torch.no_grad()
     def end_warm_start(self, sae: Any, x: Tensor) -> None:
@@ -233,10 +259,11 @@ class CodeLengthObjective:
         if not self.applies(sae):
             return self._fallback(sae, x, latents, x_hat, sparsity, tolerance)
         box, self._box = self._box, {}
-        if "jump" in box:  # the reconstruction's curvature per latent, for _JumpCode
-            box["jump"]["hess"] = jump_curvature(sae, x)
         # held-out evaluations run without gradients and leave the running means alone
         dl, bits = self._dl(sae, x, latents, box, tolerance, torch.is_grad_enabled())
+        if "jump" in box:  # the loss's price of a firing, for _JumpCode's backward
+            box["jump"].update(hess=jump_curvature(sae, x),
+                               push=sparsity * self._firing_cost / latents.shape[0])
         return rec + sparsity * dl, {"fvu": float(rec.detach()), "dl_bits": bits}
 
     @staticmethod
@@ -292,6 +319,7 @@ class CodeLengthObjective:
             self.w = w
         p = self.p.clamp(1e-6, 0.5)
         cost = torch.log2((1 - p) / p) + self.h
+        self._firing_cost = cost.to(latents.dtype)
         return cost.to(latents.dtype), self.h.to(latents.dtype), w
 
 

@@ -98,7 +98,7 @@ class ConditionalCodeLengthObjective(CodeLengthObjective):
             parent = pi.clamp_min(0)
             can_fire = torch.where(pi >= 0, pre[:, parent] > sae.threshold[parent],
                                    True).to(pre.dtype)
-        box: dict[str, Any] = {"can_fire": can_fire}
+        box = {**self._new_box(), "can_fire": can_fire}
         latents = sae.gate(_JumpCode.apply(pre, sae.threshold, eps, box))
         self._box = {"latents": latents, "eps": eps, **box}
         return latents
@@ -123,13 +123,8 @@ class ConditionalCodeLengthObjective(CodeLengthObjective):
 
     def _near(self, sae, latents: Tensor, box: dict) -> tuple[float, Tensor]:
         """``(ε, #near_i)`` counted where feature ``i`` can fire (module docstring)."""
-        pi = sae.parent_index
-        if box.get("latents") is latents:  # encoded here: the near mask is at hand
-            n_par = sae.cfg.n_parents
-            near = box["near"]
-            parents_on = (latents[:, pi[n_par:]] > 0).to(near.dtype)
-            return box["eps"], torch.cat([near[:, :n_par].sum(0),
-                                          (near[:, n_par:] * parents_on).sum(0)])
+        if box.get("latents") is latents:  # encoded here: counted where each can fire
+            return box["eps"], box["near_count"]
         # latents from elsewhere: the one-sided kernel on the active side
         eps, _, near = self._one_sided_near(sae, latents)
         return eps, near
@@ -146,6 +141,7 @@ class ConditionalCodeLengthObjective(CodeLengthObjective):
             count = (latents > 0).sum(0).to(latents.dtype)
             _, value_bits, _ = self._costs(sae, x, latents, count, tolerance, update)
             cost = self._conditional_costs(sae.parent_index).to(latents.dtype)
+            self._firing_cost = cost
             n = latents.shape[0]
             value = conditional_dl_estimate(count, n, value_bits, sae.parent_index)
         # value: the batch DL estimate; gradient to θ: −cost · #near / (ε n)
