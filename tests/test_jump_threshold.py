@@ -147,3 +147,33 @@ def test_pre_activation_gets_the_jump_cost_near_the_threshold():
             jump = batch_fvu(x, sae.decode(on)) - batch_fvu(x, sae.decode(off))
             expected[n, i] += (jump + push[i]) / eps
     torch.testing.assert_close(pre.grad, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_a_child_whose_parent_is_off_gets_no_jump_gradient():
+    """Hierarchical SAE, ``"jump"``: a child can fire only where its parent does, so where
+    the parent never fires its threshold and pre-activations get nothing, whatever its
+    pre-activations; its sibling under a firing parent does get the jump's gradient."""
+    from tl_mdl.sae.hierarchical import HierarchicalSAE, HierarchicalSAEConfig
+    from tl_mdl.training.conditional_code import ConditionalCodeLengthObjective
+
+    torch.manual_seed(0)
+    cfg = HierarchicalSAEConfig(d_in=6, n_parents=2, children_per_parent=2,
+                                activation="jumprelu", dtype="float64")
+    sae = HierarchicalSAE(cfg)
+    x = torch.randn(48, 6, dtype=torch.float64)
+    with torch.no_grad():
+        pre = sae.encode_pre(x)
+        theta = pre.quantile(0.5, dim=0).clamp_min(0.05)
+        theta[1] = pre[:, 1].max() + 1.0  # parent 1 never fires
+        sae.threshold.copy_(theta)
+    fn = ConditionalCodeLengthObjective(warm_start_frac=0.0, straight_through="jump")
+    fn.w = 0.6
+    pre_grads = []
+    sae.W_enc.register_hook(pre_grads.append)
+    latents = fn.encode(sae, x)
+    loss, _ = fn(sae, x, latents, sae.decode(latents), 1e-3, 0.01)
+    loss.backward()
+    children_of_1 = [2 + 1 * 2, 2 + 1 * 2 + 1]
+    assert torch.equal(sae.threshold.grad[children_of_1], torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(pre_grads[0][:, children_of_1], torch.zeros(6, 2, dtype=torch.float64))
+    assert (sae.threshold.grad[[2, 3]] != 0).all()
