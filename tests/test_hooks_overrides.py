@@ -38,3 +38,20 @@ def test_subclass_overrides_are_used_by_the_kernel(cls, act, need_acts):
     # float64: the kernel's fused GEMM and sparse decode differ from forward's only in
     # summation order (terms of size <= |x| |W| ~ 1)
     torch.testing.assert_close(recons, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", ["topk", "relu"])
+def test_re_registered_activation_is_used_by_the_kernel(act, monkeypatch):
+    from tl_mdl.sae import model
+
+    stock = model.ACTIVATIONS[act]
+    monkeypatch.setitem(model.ACTIVATIONS, act, lambda sae, pre: 0.5 * stock(sae, pre))
+    cfg = SAEConfig(d_in=24, d_sae=512, activation=act, k=16 if act == "topk" else None,
+                    dtype="float64")
+    sae = SAE(cfg, seed=3)
+    k = _TlMdlKernel(sae, {h: HookPoint() for h in SAE_INNER_HOOKS})
+    x = torch.randn(40, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, recons = k.run(x)
+        want = sae(x)
+    torch.testing.assert_close(recons, want, rtol=0, atol=1e-12)

@@ -17,6 +17,7 @@ from tl_mdl._sparse import csr_decode, to_csr, topk, topk_decode
 from tl_mdl._tl import HookPoint
 from tl_mdl.hooks.names import SAE_INNER_HOOKS
 from tl_mdl.sae import SAE
+from tl_mdl.sae import model as _model
 
 #: Decode through a gather (``embedding_bag``) instead of a dense GEMM when at most this
 #: fraction of the latents is nonzero.
@@ -40,6 +41,20 @@ def encode_block_rows(d_sae: int, itemsize: int, threads: int | None = None) -> 
     threads = torch.get_num_threads() if threads is None else threads
     per_thread = max(ENCODE_BLOCK_MIN_ROWS, ENCODE_BLOCK_BYTES // max(1, d_sae * itemsize))
     return per_thread * max(1, threads)
+
+
+#: the activations the kernel computes itself, as defined (``register_activation`` may
+#: replace a name; then the SAE's own ``activation`` runs)
+_STOCK_ACTIVATIONS = {"relu": _model._relu, "topk": _model._topk}
+
+
+def _stock_activation(sae: SAE, name: str) -> bool:
+    """Whether ``sae.activation`` is the stock ``name`` activation (not overridden by a
+    subclass, not re-registered), so the kernel may compute it its own way."""
+    return (
+        sae.cfg.activation == name and type(sae).activation is SAE.activation
+        and _model.ACTIVATIONS.get(name) is _STOCK_ACTIVATIONS[name]
+    )
 
 
 # ------------------------------------------------------------------- sparse decoding
@@ -146,9 +161,8 @@ class _TlMdlKernel(_Kernel):
         return (
             x.device.type == "cpu" and x.dtype == sae.W_enc.dtype == sae.W_dec.dtype
             and x.dtype in (torch.float32, torch.float64)
-            and type(sae).encode_pre is SAE.encode_pre and type(sae).activation is SAE.activation
-            and type(sae).decode is SAE.decode
-            and sae.cfg.activation in ("relu", "topk")
+            and type(sae).encode_pre is SAE.encode_pre and type(sae).decode is SAE.decode
+            and (_stock_activation(sae, "relu") or _stock_activation(sae, "topk"))
             and not (torch.is_grad_enabled() and sae.W_dec.requires_grad)
         )
 
@@ -224,7 +238,7 @@ class _TlMdlKernel(_Kernel):
         acts: Tensor | None = None
         recons: Tensor | None = None
         if (
-            sae.cfg.activation == "topk" and type(sae).activation is SAE.activation
+            _stock_activation(sae, "topk")
             and type(sae).decode is SAE.decode
             and need_recons and not need_acts and not need_grad
             and not (use_hooks and has_hooks(h["hook_sae_acts_post"]))
@@ -235,7 +249,7 @@ class _TlMdlKernel(_Kernel):
             recons = topk_decode(indices, values.relu_(), sae.W_dec, sae.b_dec)
         else:
             if (
-                sae.cfg.activation == "relu" and type(sae).activation is SAE.activation
+                _stock_activation(sae, "relu")
                 and type(sae).encode_pre is SAE.encode_pre
                 and not need_grad and not pre_seen
             ):
