@@ -126,3 +126,11 @@ def test_fused_adam_trains_the_unfused_trajectory_in_float64(monkeypatch, object
     assert fused.cfg.metadata["training"]["steps_taken"] == 30
     for (name, p), q in zip(fused.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("method", ["encode", "activation", "decode"])
+def test_a_method_replaced_on_the_instance_sends_training_to_the_dense_path(method) -> None:
+    sae = _sae(8, 64, 4)
+    orig = getattr(sae, method)
+    setattr(sae, method, lambda t: 2 * orig(t))
+    assert not topk_step.applies(sae, objectives._topk)

@@ -79,7 +79,9 @@ def applies(sae, objective) -> bool:
     from tl_mdl.sae import model
     from tl_mdl.training import objectives
 
-    stock = all(getattr(SAE, m) is f for m, f in _STOCK_METHODS.items())
+    # replaced on the class, or on this instance (``sae.decode = ...``, which the dense
+    # path's ``sae.encode`` / ``sae.decode`` calls would use)
+    stock = all(getattr(SAE, m) is f and m not in vars(sae) for m, f in _STOCK_METHODS.items())
     return (objective is objectives._topk and type(sae) is SAE and stock
             and sae.cfg.activation == "topk" and model.ACTIVATIONS["topk"] is model._topk
             and sae.W_enc.device.type == "cpu")
