@@ -163,6 +163,17 @@ def test_mdl_options_reach_train_sae_and_the_cache_key(tmp_path, monkeypatch):
         bf.mdl_options(bf.parse_args(["--mdl-option", "jump"]))
 
 
+def test_straight_through_choice_is_in_the_mdl_cache_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(bf, "trained", lambda *args, **kw: {"bits_per_input": 1.0})
+    monkeypatch.setattr(bf, "source_tree", lambda: "tree0")
+    for st in ("threshold", "jump"):
+        a = bf.parse_args(["--straight-through", st, "--cache", str(tmp_path)])
+        bf.mdl_cached("c", torch.zeros(4, 2), torch.zeros(4, 2), 4, 0.25, 0, a, {})
+    assert sorted(os.listdir(tmp_path)) == [  # threshold keeps the earlier runs' key
+        "c_w4_mdl0.25_s0_1500x256_lr0.003_tree0.json",
+        "c_w4_mdl0.25_st-jump_s0_1500x256_lr0.003_tree0.json"]
+
+
 def test_report_flags_a_missed_target(capsys, monkeypatch):
     """An MDL SAE above target + 0.015 is called missed; beyond the TopK frontier's range
     there is no ratio."""
