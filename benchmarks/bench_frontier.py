@@ -94,7 +94,8 @@ def trained(train, test, cfg: SAEConfig, objective: str, kw: dict, **extra) -> d
     res = train_sae(train, cfg, objective, return_history=True, track_heldout=True, **kw,
                     **extra)
     return {**score(res.sae, test), "steps": res.steps, "converged_at": res.converged_at,
-            "converged": res.converged}
+            "converged": res.converged, "heldout_fvu_quantized": res.heldout_fvu_quantized,
+            "sparsity": res.sparsity}
 
 
 def train_kwargs(a, seed: int) -> dict:
@@ -361,8 +362,10 @@ def run_case(name, train, test, width: int, ks, seeds, a) -> None:
         runs.append(one_seed(name, train, test, width, ks, s, a, l1s))
         for t, row in runs[-1]["mdl"].items():  # each seed as it finishes
             b = frontier_bits_at(runs[-1]["topk"], row["fvu_quantized"])
+            held = row.get("heldout_fvu_quantized")  # absent from older cached rows
+            held = "" if held is None else f", held-out {held:.4f}, final λ {row['sparsity']:.3g}"
             print(f"# {name} seed {s} target {t:g}: MDL {row['bits_per_input']:.2f} bits "
-                  f"at FVU_q {row['fvu_quantized']:.4f} (L0 {row['l0']:.1f}); TopK "
+                  f"at FVU_q {row['fvu_quantized']:.4f} (L0 {row['l0']:.1f}{held}); TopK "
                   f"frontier there {'n/a' if b is None else f'{b:.2f}'}; TopK "
                   + ", ".join(f"{r['fvu_quantized']:.3f}:{r['bits_per_input']:.1f}"
                               for r in runs[-1]["topk"]), flush=True)

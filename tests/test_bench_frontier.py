@@ -89,6 +89,7 @@ def test_converge_mode_runs_every_side_by_the_rule(tmp_path, monkeypatch):
         else:
             assert r["steps"] == cap
         assert math.isfinite(r["bits_per_input"]) and 0 <= r["fvu_quantized"] < 1
+        assert 0 < r["heldout_fvu_quantized"] < 1  # the training rows' held-out estimate
     assert any(r["converged"] for r in rows)  # the rule, not the cap, stopped some
     assert len(os.listdir(tmp_path)) == 3
 
