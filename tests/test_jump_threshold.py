@@ -177,3 +177,26 @@ def test_a_child_whose_parent_is_off_gets_no_jump_gradient():
     assert torch.equal(sae.threshold.grad[children_of_1], torch.zeros(2, dtype=torch.float64))
     assert torch.equal(pre_grads[0][:, children_of_1], torch.zeros(6, 2, dtype=torch.float64))
     assert (sae.threshold.grad[[2, 3]] != 0).all()
+
+
+def test_train_sae_takes_the_estimator_as_a_keyword():
+    """``train_sae(..., straight_through="jump")`` reaches the objective (the weights differ
+    from the default estimator's after the same steps); a bad value or another objective
+    is a clear error naming it."""
+    import pytest
+
+    from tl_mdl import train_sae
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 8)
+    cfg = SAEConfig(d_in=8, d_sae=16)
+    kw = dict(steps=12, batch_size=64, progress=False, warm_start_frac=0.0)
+    a = train_sae(x, cfg, "mdl", **kw)
+    b = train_sae(x, cfg, "mdl", straight_through="threshold", **kw)
+    c = train_sae(x, cfg, "mdl", straight_through="jump", **kw)
+    assert torch.equal(a.threshold, b.threshold)  # the default is "threshold", bitwise
+    assert not torch.equal(a.threshold, c.threshold)
+    with pytest.raises(ValueError, match="straight_through='exact'"):
+        train_sae(x, cfg, "mdl", straight_through="exact", **kw)
+    with pytest.raises(ValueError, match="objective='l1'"):
+        train_sae(x, cfg, "l1", straight_through="jump", **kw)

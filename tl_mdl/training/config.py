@@ -37,13 +37,17 @@ class TrainConfig:
     min_improvement: float = 0.005  # plateau rule: relative improvement that counts
     warm_start_frac: float = 0.2  # mdl on JumpReLU: fraction of steps trained as TopK
     warm_start_k: int | None = None  # its k (default clamp(d_sae // 8, 1, 64))
+    #: mdl: the JumpReLU's straight-through estimator, "threshold" (default) or "jump"
+    #: (each near entry charged its exact toggle cost; docs/math.md §5)
+    straight_through: str | None = None
     track_heldout: bool = False  # hold out rows and evaluate them even with a fixed budget
 
 
 #: TrainConfig fields added after checkpoints and sweep folders already existed: a stored
 #: config without them means their defaults
 NEW_FIELDS = ("target_fvu", "until_converged", "max_steps", "eval_every", "patience",
-              "min_improvement", "warm_start_frac", "warm_start_k", "track_heldout")
+              "min_improvement", "warm_start_frac", "warm_start_k", "track_heldout",
+              "straight_through")
 
 
 @dataclass
@@ -98,6 +102,12 @@ def check_arguments(tc: TrainConfig) -> None:
                 f"target_fvu={t!r} cannot be met: it is a quantised FVU, which is the FVU "
                 f"plus up to tolerance={tol:g} from quantising, so it must lie in "
                 f"({tol:g}, 1). Pass e.g. target_fvu=0.15, or a smaller tolerance")
+    if tc.straight_through not in (None, "threshold", "jump"):
+        raise ValueError(f"straight_through={tc.straight_through!r} is unknown; use "
+                         "'threshold' (the default) or 'jump' (objective='mdl')")
+    if tc.straight_through is not None and tc.objective != "mdl":
+        raise ValueError(f"straight_through={tc.straight_through!r} is a setting of "
+                         f"objective='mdl', not of objective={tc.objective!r}; drop it")
     if not 0 <= tc.warm_start_frac < 1:
         raise ValueError(f"warm_start_frac must be in [0, 1), got {tc.warm_start_frac!r}")
 
