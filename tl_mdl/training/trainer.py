@@ -64,7 +64,9 @@ def train_sae(
     ``"jumprelu"``, the ReLU SAE with learned thresholds, and the returned SAE's ``cfg``
     says so; :mod:`tl_mdl.training.code_length`), ``"l1"`` (FVU + λ·decoder-norm-weighted
     L1), ``"topk"`` (FVU; needs ``activation="topk"``). ``sparsity`` is λ (defaults: mdl
-    1e-3, l1 0.1).
+    1e-3, l1 0.1). ``straight_through`` (mdl only): the JumpReLU's straight-through
+    estimator, ``"threshold"`` (default) or ``"jump"`` (each entry near its threshold
+    charged its exact toggle cost; shorter codes at low L0, docs/math.md §5).
 
     Fidelity target: ``target_fvu=t`` (objectives with a λ) minimises the penalty subject
     to a quantised FVU ``<= t`` on held-out rows: λ is adapted during training by dual
