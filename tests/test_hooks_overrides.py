@@ -23,10 +23,8 @@ class ShiftedDecode(SAE):
         return super().decode(latents) + 1.0
 
 
-@pytest.mark.parametrize("cls", [HalvedLatents, ShiftedDecode])
-@pytest.mark.parametrize("act", ["topk", "relu"])
-@pytest.mark.parametrize("need_acts", [False, True])
-def test_subclass_overrides_are_used_by_the_kernel(cls, act, need_acts):
+def _assert_kernel_matches_forward(cls, act: str, need_acts: bool = False) -> None:
+    """The splice kernel's reconstruction of a float64 ``cls`` SAE equals ``sae(x)``."""
     cfg = SAEConfig(d_in=24, d_sae=512, activation=act, k=16 if act == "topk" else None,
                     dtype="float64")
     sae = cls(cfg, seed=3)
@@ -40,18 +38,17 @@ def test_subclass_overrides_are_used_by_the_kernel(cls, act, need_acts):
     torch.testing.assert_close(recons, want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("cls", [HalvedLatents, ShiftedDecode])
+@pytest.mark.parametrize("act", ["topk", "relu"])
+@pytest.mark.parametrize("need_acts", [False, True])
+def test_subclass_overrides_are_used_by_the_kernel(cls, act, need_acts):
+    _assert_kernel_matches_forward(cls, act, need_acts=need_acts)
+
+
 @pytest.mark.parametrize("act", ["topk", "relu"])
 def test_re_registered_activation_is_used_by_the_kernel(act, monkeypatch):
     from tl_mdl.sae import model
 
     stock = model.ACTIVATIONS[act]
     monkeypatch.setitem(model.ACTIVATIONS, act, lambda sae, pre: 0.5 * stock(sae, pre))
-    cfg = SAEConfig(d_in=24, d_sae=512, activation=act, k=16 if act == "topk" else None,
-                    dtype="float64")
-    sae = SAE(cfg, seed=3)
-    k = _TlMdlKernel(sae, {h: HookPoint() for h in SAE_INNER_HOOKS})
-    x = torch.randn(40, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        _, recons = k.run(x)
-        want = sae(x)
-    torch.testing.assert_close(recons, want, rtol=0, atol=1e-12)
+    _assert_kernel_matches_forward(SAE, act)
