@@ -52,3 +52,36 @@ def test_re_registered_activation_is_used_by_the_kernel(act, monkeypatch):
     stock = model.ACTIVATIONS[act]
     monkeypatch.setitem(model.ACTIVATIONS, act, lambda sae, pre: 0.5 * stock(sae, pre))
     _assert_kernel_matches_forward(SAE, act)
+
+
+@pytest.mark.parametrize("method", ["activation", "decode", "encode_pre"])
+@pytest.mark.parametrize("act", ["topk", "relu"])
+def test_a_method_replaced_on_the_instance_is_used_by_the_kernel(method, act):
+    """``sae.decode = f`` on one SAE (not its class): the kernel calls ``f`` too."""
+    class Patched(SAE):
+        def __init__(self, cfg, seed=None):
+            super().__init__(cfg, seed=seed)
+            orig = getattr(self, method)
+            shift = {"activation": 0.5, "decode": 1.0, "encode_pre": -0.25}[method]
+            if method == "activation":
+                setattr(self, method, lambda t: shift * orig(t))
+            else:
+                setattr(self, method, lambda t: orig(t) + shift)
+
+    _assert_kernel_matches_forward(Patched, act)
+    _assert_kernel_matches_forward(Patched, act, need_acts=True)
+
+
+@pytest.mark.parametrize("act", ["topk", "relu"])
+def test_a_method_patched_on_the_class_is_used_by_the_kernel(act, monkeypatch):
+    orig = SAE.decode
+    monkeypatch.setattr(SAE, "decode", lambda self, f: orig(self, f) - 1.0)
+    _assert_kernel_matches_forward(SAE, act)
+
+
+def test_uses_stock_names_its_methods():
+    sae = SAE(SAEConfig(d_in=4, d_sae=8, activation="topk", k=2))
+    assert sae.uses_stock("encode_pre", "decode", activation="topk")
+    assert not sae.uses_stock(activation="relu")
+    with pytest.raises(ValueError, match="forward"):
+        sae.uses_stock("forward")

@@ -17,7 +17,6 @@ from tl_mdl._sparse import csr_decode, to_csr, topk, topk_decode
 from tl_mdl._tl import HookPoint
 from tl_mdl.hooks.names import SAE_INNER_HOOKS
 from tl_mdl.sae import SAE
-from tl_mdl.sae import model as _model
 
 #: Decode through a gather (``embedding_bag``) instead of a dense GEMM when at most this
 #: fraction of the latents is nonzero.
@@ -41,20 +40,6 @@ def encode_block_rows(d_sae: int, itemsize: int, threads: int | None = None) -> 
     threads = torch.get_num_threads() if threads is None else threads
     per_thread = max(ENCODE_BLOCK_MIN_ROWS, ENCODE_BLOCK_BYTES // max(1, d_sae * itemsize))
     return per_thread * max(1, threads)
-
-
-#: the activations the kernel computes itself, as defined (``register_activation`` may
-#: replace a name; then the SAE's own ``activation`` runs)
-_STOCK_ACTIVATIONS = {"relu": _model._relu, "topk": _model._topk}
-
-
-def _stock_activation(sae: SAE, name: str) -> bool:
-    """Whether ``sae.activation`` is the stock ``name`` activation (not overridden by a
-    subclass, not re-registered), so the kernel may compute it its own way."""
-    return (
-        sae.cfg.activation == name and type(sae).activation is SAE.activation
-        and _model.ACTIVATIONS.get(name) is _STOCK_ACTIVATIONS[name]
-    )
 
 
 # ------------------------------------------------------------------- sparse decoding
@@ -144,7 +129,7 @@ class _TlMdlKernel(_Kernel):
 
     def _encode_pre(self, x: Tensor, reuse: bool = False) -> Tensor:
         sae = self.sae
-        if type(sae).encode_pre is not SAE.encode_pre or x.dtype != sae.W_enc.dtype:
+        if not sae.uses_stock("encode_pre") or x.dtype != sae.W_enc.dtype:
             return sae.encode_pre(x)
         x2 = x.reshape(-1, x.shape[-1])
         if sae.cfg.apply_b_dec_to_input:
@@ -161,8 +146,8 @@ class _TlMdlKernel(_Kernel):
         return (
             x.device.type == "cpu" and x.dtype == sae.W_enc.dtype == sae.W_dec.dtype
             and x.dtype in (torch.float32, torch.float64)
-            and type(sae).encode_pre is SAE.encode_pre and type(sae).decode is SAE.decode
-            and (_stock_activation(sae, "relu") or _stock_activation(sae, "topk"))
+            and (sae.uses_stock("encode_pre", "decode", activation="relu")
+                 or sae.uses_stock("encode_pre", "decode", activation="topk"))
             and not (torch.is_grad_enabled() and sae.W_dec.requires_grad)
         )
 
@@ -238,8 +223,7 @@ class _TlMdlKernel(_Kernel):
         acts: Tensor | None = None
         recons: Tensor | None = None
         if (
-            _stock_activation(sae, "topk")
-            and type(sae).decode is SAE.decode
+            sae.uses_stock("decode", activation="topk")
             and need_recons and not need_acts and not need_grad
             and not (use_hooks and has_hooks(h["hook_sae_acts_post"]))
             and pre.device.type == "cpu"
@@ -249,8 +233,7 @@ class _TlMdlKernel(_Kernel):
             recons = topk_decode(indices, values.relu_(), sae.W_dec, sae.b_dec)
         else:
             if (
-                _stock_activation(sae, "relu")
-                and type(sae).encode_pre is SAE.encode_pre
+                sae.uses_stock("encode_pre", activation="relu")
                 and not need_grad and not pre_seen
             ):
                 acts = pre.relu_()  # our own temporary, seen by no hook: no second buffer
@@ -258,7 +241,7 @@ class _TlMdlKernel(_Kernel):
                 acts = sae.activation(pre)
             acts = _fire(h["hook_sae_acts_post"], acts, use_hooks, seen)
             if need_recons:
-                if type(sae).decode is not SAE.decode:  # a subclass's own decode
+                if not sae.uses_stock("decode"):  # a subclass's or a replaced decode
                     recons = sae.decode(acts)
                 else:
                     flat = acts.reshape(-1, acts.shape[-1]).to(sae.W_dec.dtype)

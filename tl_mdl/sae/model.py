@@ -162,6 +162,26 @@ class SAEBase(nn.Module):
     def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
         return self.decode(self.encode(x))
 
+    def uses_stock(self, *methods: str, activation: str | None = None) -> bool:
+        """Whether ``methods`` (of ``encode``, ``encode_pre``, ``activation``, ``decode``)
+        are this class's definitions as shipped: not overridden by a subclass, not patched
+        on the class, not replaced on this instance; with ``activation=name``, also whether
+        ``cfg.activation`` is ``name`` with its built-in function (``register_activation``
+        may replace it). Fast paths that compute these methods their own way ask this
+        first, and otherwise call the methods, so a user's replacement is always what
+        runs."""
+        unknown = set(methods) - set(_STOCK_METHODS)
+        if unknown:
+            raise ValueError(f"uses_stock: unknown method(s) {sorted(unknown)}; "
+                             f"known: {sorted(_STOCK_METHODS)}")
+        if activation is not None:
+            if getattr(self.cfg, "activation", None) != activation or (
+                    ACTIVATIONS.get(activation) is not _BUILTIN_ACTIVATIONS.get(activation)):
+                return False
+            methods = (*methods, "activation")
+        return all(m not in vars(self) and getattr(type(self), m) is _STOCK_METHODS[m]
+                   for m in methods)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``cfg.json`` and ``sae_weights.safetensors`` into folder ``path``
         (atomically: temp files then rename). Returns the folder."""
@@ -289,6 +309,11 @@ class SAE(SAEBase):
         c = self.cfg
         extra = f", k={c.k}" if c.k is not None else ""
         return f"d_in={c.d_in}, d_sae={c.d_sae}, activation={c.activation!r}{extra}"
+
+
+#: the methods and activations as defined here, captured before anything can patch them
+_STOCK_METHODS = {m: getattr(SAE, m) for m in ("encode", "encode_pre", "activation", "decode")}
+_BUILTIN_ACTIVATIONS = dict(ACTIVATIONS)
 
 
 def _same_device(name: str | None, device: torch.device) -> bool:

@@ -68,22 +68,13 @@ class _TopKCode(torch.autograd.Function):
         return None, grad_W, grad_b, grad_b_dec, None
 
 
-#: the SAE methods this step stands in for, as defined: a class-level replacement (a
-#: patched ``SAE.decode``, say) sends training back to the dense path, which calls it
-_STOCK_METHODS = {m: getattr(SAE, m) for m in ("encode", "encode_pre", "activation", "decode")}
-
-
 def applies(sae, objective) -> bool:
     """Whether :func:`loss_and_grads` computes ``objective`` for ``sae`` (the stock TopK
     activation and objective on a plain SAE; anything else takes the dense path)."""
-    from tl_mdl.sae import model
     from tl_mdl.training import objectives
 
-    # replaced on the class, or on this instance (``sae.decode = ...``, which the dense
-    # path's ``sae.encode`` / ``sae.decode`` calls would use)
-    stock = all(getattr(SAE, m) is f and m not in vars(sae) for m, f in _STOCK_METHODS.items())
-    return (objective is objectives._topk and type(sae) is SAE and stock
-            and sae.cfg.activation == "topk" and model.ACTIVATIONS["topk"] is model._topk
+    return (objective is objectives._topk and type(sae) is SAE
+            and sae.uses_stock("encode", "encode_pre", "decode", activation="topk")
             and sae.W_enc.device.type == "cpu")
 
 
