@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from tl_mdl._memory import release_freed_memory
 from tl_mdl._sparse import BLOCK_ELEMENTS, block_rows, csr_decode, extract_block, map_blocks
 from tl_mdl.mdl.precision import STEPS_PER_OCTAVE
 from tl_mdl.mdl.quantize import (
@@ -376,6 +377,8 @@ class _StreamedQuantizedFVU(_QuantizedFVU):
             xi = self.x[i : i + self.rows].to(dev)
             lat = self.sae.encode(xi)
             yield lat, xi.to(self.W.dtype) - b_dec
+            del lat, xi
+            release_freed_memory()  # else the budget is exceeded: see tl_mdl._memory
 
     def _candidate_chunks(self, w: float):
         if self._kept is not None:
