@@ -58,6 +58,25 @@ def default_warm_start_k(d_sae: int) -> int:
     return max(1, min(d_sae // 8, 64))
 
 
+#: the warm start's codes: ``"topk"``, each row's ``k`` largest pre-activations; or
+#: ``"batch_topk"``, the ``k · B`` largest positive pre-activations of the batch of ``B``
+#: rows (BatchTopK, Bussmann et al. 2024: ``k`` active per row on average)
+WARM_STARTS = ("topk", "batch_topk")
+
+
+def warm_code(pre: Tensor, k: int, kind: str) -> Tensor:
+    """The warm start's latents of pre-activations ``pre [B, F]``: ``pre`` where chosen
+    (and positive), 0 elsewhere; differentiable in the chosen entries."""
+    if kind == "topk":
+        values, idx = topk(pre, k)
+        return torch.zeros_like(pre).scatter(-1, idx, torch.relu(values))
+    flat = pre.detach().reshape(-1)
+    n = min(flat.numel(), k * pre.shape[0])
+    values, idx = flat.topk(n, sorted=False)
+    keep = torch.zeros_like(flat).index_fill_(0, idx[values > 0], 1.0)
+    return pre * keep.view_as(pre)
+
+
 def jump_curvature(sae: Any, x: Tensor) -> Tensor:
     """``∂²FVU_B/∂f_{n,i}² = 2 ‖W_dec[i]‖² / Σ_n ‖x_n − x̄‖²`` (detached, per feature): the
     batch FVU is quadratic in each latent, so with the gradient this gives the exact loss
@@ -158,22 +177,30 @@ class CodeLengthObjective:
 
     @classmethod
     def from_settings(cls, warm_start_frac: float = 0.2, warm_start_k: int | None = None,
-                      straight_through: str | None = None, **_: Any) -> CodeLengthObjective:
-        return cls(warm_start_frac, warm_start_k, straight_through)
+                      straight_through: str | None = None, warm_start: str | None = None,
+                      **_: Any) -> CodeLengthObjective:
+        return cls(warm_start_frac, warm_start_k, straight_through, warm_start)
 
     #: the JumpReLU's straight-through estimator: ``"threshold"`` (thresholds only, first
     #: order, as in Rajamanoharan et al. 2024) or ``"jump"`` (the exact toggle cost, to the
     #: thresholds and the pre-activations: :class:`_JumpCode`, ``docs/math.md`` §5). The
     #: class default applies wherever no ``straight_through=`` is given.
     straight_through = "threshold"
+    #: the warm start's code (:data:`WARM_STARTS`); the class default applies wherever no
+    #: ``warm_start=`` is given
+    warm_start = "topk"
 
     def __init__(self, warm_start_frac: float = 0.2, warm_start_k: int | None = None,
-                 straight_through: str | None = None):
+                 straight_through: str | None = None, warm_start: str | None = None):
         if straight_through not in (None, "threshold", "jump"):
             raise ValueError(f"straight_through={straight_through!r} is unknown; use "
                              "'threshold' or 'jump'")
+        if warm_start not in (None, *WARM_STARTS):
+            raise ValueError(f"warm_start={warm_start!r} is unknown; use one of {WARM_STARTS}")
         if straight_through is not None:
             self.straight_through = straight_through
+        if warm_start is not None:
+            self.warm_start = warm_start
         self.warm_start_frac, self.warm_start_k = warm_start_frac, warm_start_k
         self.p: Tensor | None = None  # running firing rates [d_sae]
         self.h: Tensor | None = None  # running value bits per firing [d_sae]
@@ -196,9 +223,7 @@ class CodeLengthObjective:
 
     def encode(self, sae: Any, x: Tensor) -> Tensor:
         if self.warm:
-            pre = sae.encode_pre(x)
-            values, idx = topk(pre, self.warm_k(sae))
-            return torch.zeros_like(pre).scatter(-1, idx, torch.relu(values))
+            return warm_code(sae.encode_pre(x), self.warm_k(sae), self.warm_start)
         if not self.applies(sae):
             return sae.encode(x)
         eps = sae.jumprelu_bandwidth if self.w is None else self.w
@@ -217,11 +242,10 @@ class CodeLengthObjective:
 
     @torch.no_grad()
     def end_warm_start(self, sae: Any, x: Tensor) -> None:
-        """Thresholds that keep each feature's TopK firing rate on batch ``x``."""
+        """Thresholds that keep each feature's warm-start firing rate on batch ``x``."""
         pre = sae.encode_pre(x)
         n = pre.shape[0]
-        values, idx = topk(pre, self.warm_k(sae))
-        rate = torch.zeros_like(pre).scatter(-1, idx, (values > 0).to(pre.dtype)).mean(0)
+        rate = (warm_code(pre, self.warm_k(sae), self.warm_start) > 0).to(pre.dtype).mean(0)
         rate = rate.clamp(1.0 / n, 0.5)
         order = pre.sort(0).values
         row = ((1 - rate) * n).long().clamp(0, n - 1)
@@ -323,4 +347,4 @@ class CodeLengthObjective:
         return cost.to(latents.dtype), self.h.to(latents.dtype), w
 
 
-__all__ = ["CodeLengthObjective", "default_warm_start_k"]
+__all__ = ["CodeLengthObjective", "WARM_STARTS", "default_warm_start_k", "warm_code"]

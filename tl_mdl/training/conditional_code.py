@@ -42,9 +42,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tl_mdl._sparse import topk
 from tl_mdl.sae.hierarchical import HierarchicalSAE
-from tl_mdl.training.code_length import CodeLengthObjective, _JumpCode, default_warm_start_k
+from tl_mdl.training.code_length import (
+    CodeLengthObjective,
+    _JumpCode,
+    default_warm_start_k,
+    warm_code,
+)
 
 
 def _bits_hb(p: Tensor) -> Tensor:
@@ -82,8 +86,7 @@ class ConditionalCodeLengthObjective(CodeLengthObjective):
 
     def _warm_latents(self, sae: HierarchicalSAE, pre: Tensor) -> Tensor:
         n_par = sae.cfg.n_parents
-        values, idx = topk(pre[:, :n_par], self.warm_k(sae))
-        parents = torch.zeros_like(pre[:, :n_par]).scatter(-1, idx, torch.relu(values))
+        parents = warm_code(pre[:, :n_par], self.warm_k(sae), self.warm_start)
         return sae.gate(torch.cat([parents, torch.relu(pre[:, n_par:])], dim=-1))
 
     def encode(self, sae: Any, x: Tensor) -> Tensor:

@@ -40,6 +40,9 @@ class TrainConfig:
     #: mdl: the JumpReLU's straight-through estimator, "threshold" (default) or "jump"
     #: (each near entry charged its exact toggle cost; docs/math.md §5)
     straight_through: str | None = None
+    #: mdl: the warm start's code, "topk" (k per row) or "batch_topk" (k per row on
+    #: average over the batch); None: the objective's default
+    warm_start: str | None = None
     track_heldout: bool = False  # hold out rows and evaluate them even with a fixed budget
 
 
@@ -47,7 +50,7 @@ class TrainConfig:
 #: config without them means their defaults
 NEW_FIELDS = ("target_fvu", "until_converged", "max_steps", "eval_every", "patience",
               "min_improvement", "warm_start_frac", "warm_start_k", "track_heldout",
-              "straight_through")
+              "straight_through", "warm_start")
 
 
 @dataclass
@@ -108,6 +111,12 @@ def check_arguments(tc: TrainConfig) -> None:
     if tc.straight_through is not None and tc.objective != "mdl":
         raise ValueError(f"straight_through={tc.straight_through!r} is a setting of "
                          f"objective='mdl', not of objective={tc.objective!r}; drop it")
+    if tc.warm_start not in (None, "topk", "batch_topk"):
+        raise ValueError(f"warm_start={tc.warm_start!r} is unknown; use 'topk' (each row's "
+                         "k largest) or 'batch_topk' (k per row on average over the batch)")
+    if tc.warm_start is not None and tc.objective not in ("mdl", "hierarchical_mdl"):
+        raise ValueError(f"warm_start={tc.warm_start!r} is a setting of objective='mdl', "
+                         f"not of objective={tc.objective!r}; drop it")
     if not 0 <= tc.warm_start_frac < 1:
         raise ValueError(f"warm_start_frac must be in [0, 1), got {tc.warm_start_frac!r}")
 

@@ -164,8 +164,9 @@ class Run:
         self.writer = not self.data_parallel or ddp.is_main_process()
         self.sae = (HierarchicalSAE if isinstance(cfg, HierarchicalSAEConfig) else SAE)(
             cfg, seed=tc.seed)
-        # straight_through only when given: registered objectives' from_settings predate it
-        extra = {} if tc.straight_through is None else {"straight_through": tc.straight_through}
+        # only when given: registered objectives' from_settings predate these settings
+        extra = {name: getattr(tc, name) for name in ("straight_through", "warm_start")
+                 if getattr(tc, name) is not None}
         self.fn = make_objective(tc.objective, warm_start_frac=tc.warm_start_frac,
                                  warm_start_k=tc.warm_start_k, **extra)
         warm_k = getattr(self.fn, "warm_k", lambda s: None)(self.sae)

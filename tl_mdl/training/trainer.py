@@ -67,6 +67,10 @@ def train_sae(
     1e-3, l1 0.1). ``straight_through`` (mdl only): the JumpReLU's straight-through
     estimator, ``"threshold"`` (default) or ``"jump"`` (each entry near its threshold
     charged its exact toggle cost; shorter codes at low L0, docs/math.md §5).
+    ``warm_start`` (mdl): the TopK warm start's code, ``"topk"`` (each row's ``k``
+    largest) or ``"batch_topk"`` (the ``k · B`` largest of a batch of ``B`` rows, so rows
+    fire as many as they need); ``warm_start_k`` and ``warm_start_frac`` set its ``k``
+    and length.
 
     Fidelity target: ``target_fvu=t`` (objectives with a λ) minimises the penalty subject
     to a quantised FVU ``<= t`` on held-out rows: λ is adapted during training by dual
