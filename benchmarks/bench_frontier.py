@@ -123,8 +123,6 @@ def mdl_cached(name, train, test, width, t, seed, a, kw) -> dict:
     tree = source_tree()
     opts = mdl_options(a)
     extra = "".join(f"_{k}-{v}" for k, v in sorted(opts.items()))
-    if a.straight_through != "threshold":  # threshold: the keys of earlier runs
-        extra += f"_st-{a.straight_through}"
     key = f"{name.replace(' ', '_')}_w{width}_mdl{t:g}{extra}_s{seed}_{budget_key(a)}_{tree}"
     return cached(key if tree else None, a, lambda: trained(
         train, test, SAEConfig(train.shape[1], width), "mdl", kw, target_fvu=t, **opts))
@@ -134,6 +132,8 @@ def mdl_options(a) -> dict:
     """``--mdl-option KEY=VALUE`` (repeatable): extra ``train_sae`` keywords for the MDL
     runs, e.g. ``straight_through=jump``; numbers are parsed as such."""
     opts = {}
+    if a.straight_through is not None:
+        opts["straight_through"] = a.straight_through
     for item in a.mdl_option or ():
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -267,10 +267,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mdl-option", action="append", metavar="KEY=VALUE",
                     help="extra train_sae keyword for the MDL runs (repeatable), e.g. "
                     "straight_through=jump; part of their cache key")
-    ap.add_argument("--straight-through", choices=["threshold", "jump"], default="threshold",
+    ap.add_argument("--straight-through", choices=["threshold", "jump"], default=None,
                     help="the MDL objective's JumpReLU straight-through estimator "
-                    "(CodeLengthObjective.straight_through, docs/math.md §5; train_sae has "
-                    "no keyword for it, so this sets the class default in this process)")
+                    "(train_sae's straight_through=, docs/math.md §5; default: train_sae's "
+                    "own); same as --mdl-option straight_through=...")
     ap.add_argument("--l1", default=None,
                     help="also an L1 frontier at these λ (MNIST width 128 only), e.g. "
                     "0.03,0.1,0.3; printed as its own ratio lines")
@@ -329,12 +329,13 @@ def lm_case(a) -> tuple[str, torch.Tensor, torch.Tensor, int, tuple[int, ...]]:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    CodeLengthObjective.straight_through = a.straight_through
     seeds = range(a.seeds or (3 if a.full else 1))
     bench = Bench("bench_frontier: MDL objective vs the TopK frontier at equal quantised FVU",
                   a)
     print(f"# batch {a.batch_size}, lr {a.lr}, precision tolerance {TOLERANCE}, seeds "
-          f"{list(seeds)}; MDL straight-through {a.straight_through!r}", flush=True)
+          f"{list(seeds)}; MDL straight-through "
+          f"{a.straight_through or CodeLengthObjective.straight_through!r}, warm start "
+          f"{mdl_options(a).get('warm_start', CodeLengthObjective.warm_start)!r}", flush=True)
     for line in budget_lines(a):
         print("# " + line, flush=True)
     cases = []

@@ -170,9 +170,12 @@ def test_straight_through_choice_is_in_the_mdl_cache_key(tmp_path, monkeypatch):
     for st in ("threshold", "jump"):
         a = bf.parse_args(["--straight-through", st, "--cache", str(tmp_path)])
         bf.mdl_cached("c", torch.zeros(4, 2), torch.zeros(4, 2), 4, 0.25, 0, a, {})
-    assert sorted(os.listdir(tmp_path)) == [  # threshold keeps the earlier runs' key
+    a = bf.parse_args(["--cache", str(tmp_path)])  # train_sae's default: no key part
+    bf.mdl_cached("c", torch.zeros(4, 2), torch.zeros(4, 2), 4, 0.25, 0, a, {})
+    assert sorted(os.listdir(tmp_path)) == [
         "c_w4_mdl0.25_s0_1500x256_lr0.003_tree0.json",
-        "c_w4_mdl0.25_st-jump_s0_1500x256_lr0.003_tree0.json"]
+        "c_w4_mdl0.25_straight_through-jump_s0_1500x256_lr0.003_tree0.json",
+        "c_w4_mdl0.25_straight_through-threshold_s0_1500x256_lr0.003_tree0.json"]
 
 
 def test_report_flags_a_missed_target(capsys, monkeypatch):

@@ -91,11 +91,11 @@ class _CountPasses(TorchDispatchMode):
         return out
 
 
-def _step_ops(objective: str, activation: str) -> collections.Counter:
+def _step_ops(objective: str, activation: str, **settings) -> collections.Counter:
     n, d_sae, d_in = 64, 96, 16  # n · d_sae differs from every other size in the step
     sae = random_sae(d_in, activation, d_sae=d_sae)
     x = torch.randn(n, d_in, generator=torch.Generator().manual_seed(0))
-    fn = make_objective(objective, warm_start_frac=0.0)
+    fn = make_objective(objective, warm_start_frac=0.0, **settings)
     encode = getattr(fn, "encode", None) or (lambda s, v: s.encode(v))
     for _ in range(2):  # the second step runs with the running statistics set
         with _CountPasses(n * d_sae) as count:
@@ -105,20 +105,23 @@ def _step_ops(objective: str, activation: str) -> collections.Counter:
     return count.ops
 
 
-def test_an_mdl_step_costs_a_few_passes_more_than_an_l1_step():
+@pytest.mark.parametrize("straight_through,extra", [("threshold", 4), ("jump", 6)])
+def test_an_mdl_step_costs_a_few_passes_more_than_an_l1_step(straight_through, extra):
     """The MDL step's work over ``[batch, d_sae]``: the 6 GEMMs both objectives do, and a
     few elementwise passes more than L1's (masks, their column sums and the value
-    statistics); nothing lists entries (``nonzero`` and gathers cost several passes each)."""
-    mdl, l1 = _step_ops("mdl", "jumprelu"), _step_ops("l1", "relu")
+    statistics; ``"jump"`` two more, for the toggle cost); nothing lists entries
+    (``nonzero`` and gathers cost several passes each)."""
+    mdl = _step_ops("mdl", "jumprelu", straight_through=straight_through)
+    l1 = _step_ops("l1", "relu")
     gemms = ("mm", "addmm")
     assert sum(mdl[k] for k in gemms) == sum(l1[k] for k in gemms) == 6
     listing = {"nonzero", "index", "index_add", "index_put", "bincount", "scatter", "gather"}
     assert not listing & set(mdl), mdl
     passes = {k: sum(v for op, v in ops.items() if op not in gemms)
               for k, ops in (("mdl", mdl), ("l1", l1))}
-    # 14 against 10 today; at 2048 x 2048 (d_in 128) a pass takes ~2 ms, a GEMM ~20 ms and
-    # the nonzero this code no longer calls ~10 ms
-    assert passes["mdl"] <= passes["l1"] + 5, (mdl, l1)
+    # 14 ("threshold") and 16 ("jump") against 10 today; at 2048 x 2048 (d_in 128) a pass
+    # takes ~2 ms, a GEMM ~20 ms and the nonzero this code no longer calls ~10 ms
+    assert passes["mdl"] <= passes["l1"] + extra, (mdl, l1)
 
 
 def test_nan_in_a_batch_still_stops_mdl_training():

@@ -192,9 +192,9 @@ def test_train_sae_takes_the_estimator_as_a_keyword():
     cfg = SAEConfig(d_in=8, d_sae=16)
     kw = dict(steps=12, batch_size=64, progress=False, warm_start_frac=0.0)
     a = train_sae(x, cfg, "mdl", **kw)
-    b = train_sae(x, cfg, "mdl", straight_through="threshold", **kw)
-    c = train_sae(x, cfg, "mdl", straight_through="jump", **kw)
-    assert torch.equal(a.threshold, b.threshold)  # the default is "threshold", bitwise
+    b = train_sae(x, cfg, "mdl", straight_through="jump", **kw)
+    c = train_sae(x, cfg, "mdl", straight_through="threshold", **kw)
+    assert torch.equal(a.threshold, b.threshold)  # the default is "jump", bitwise
     assert not torch.equal(a.threshold, c.threshold)
     with pytest.raises(ValueError, match="straight_through='exact'"):
         train_sae(x, cfg, "mdl", straight_through="exact", **kw)

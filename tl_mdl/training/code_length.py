@@ -64,17 +64,29 @@ def default_warm_start_k(d_sae: int) -> int:
 WARM_STARTS = ("topk", "batch_topk")
 
 
-def warm_code(pre: Tensor, k: int, kind: str) -> Tensor:
+def warm_code(pre: Tensor, k: int, kind: str, sharded: bool = False) -> Tensor:
     """The warm start's latents of pre-activations ``pre [B, F]``: ``pre`` where chosen
-    (and positive), 0 elsewhere; differentiable in the chosen entries."""
+    (and positive), 0 elsewhere; differentiable in the chosen entries. ``sharded``: ``pre``
+    is this rank's share of the batch's rows (data-parallel training), and BatchTopK
+    chooses over the whole batch."""
     if kind == "topk":
         values, idx = topk(pre, k)
         return torch.zeros_like(pre).scatter(-1, idx, torch.relu(values))
     flat = pre.detach().reshape(-1)
-    n = min(flat.numel(), k * pre.shape[0])
-    values, idx = flat.topk(n, sorted=False)
-    keep = torch.zeros_like(flat).index_fill_(0, idx[values > 0], 1.0)
-    return pre * keep.view_as(pre)
+    rows = torch.tensor([pre.shape[0]], device=pre.device)
+    if sharded:
+        dist.all_reduce(rows)
+    n = k * int(rows)
+    candidates = flat.topk(min(n, flat.numel()), sorted=False).values
+    if sharded:  # the batch's n largest are among the union of each rank's n largest
+        from tl_mdl.training.distributed import all_gather_rows
+
+        candidates = all_gather_rows(candidates[:, None]).squeeze(1)
+    if candidates.numel() == 0:
+        return torch.zeros_like(pre)
+    tau = candidates.topk(min(n, candidates.numel())).values[-1]  # the n-th largest
+    keep = (flat >= tau) & (flat > 0)  # a tie at tau keeps every tied entry
+    return pre * keep.view_as(pre).to(pre.dtype)
 
 
 def jump_curvature(sae: Any, x: Tensor) -> Tensor:
@@ -185,10 +197,12 @@ class CodeLengthObjective:
     #: order, as in Rajamanoharan et al. 2024) or ``"jump"`` (the exact toggle cost, to the
     #: thresholds and the pre-activations: :class:`_JumpCode`, ``docs/math.md`` §5). The
     #: class default applies wherever no ``straight_through=`` is given.
-    straight_through = "threshold"
+    straight_through = "jump"
     #: the warm start's code (:data:`WARM_STARTS`); the class default applies wherever no
-    #: ``warm_start=`` is given
-    warm_start = "topk"
+    #: ``warm_start=`` is given. BatchTopK: a per-row TopK with ``k`` above an input's own
+    #: number of features makes it fire filler latents (dense, or rotated mixtures of
+    #: features), which ``"jump"`` then keeps (docs/math.md §5, "Warm start")
+    warm_start = "batch_topk"
 
     def __init__(self, warm_start_frac: float = 0.2, warm_start_k: int | None = None,
                  straight_through: str | None = None, warm_start: str | None = None):
@@ -206,6 +220,9 @@ class CodeLengthObjective:
         self.h: Tensor | None = None  # running value bits per firing [d_sae]
         self.w: float | None = None  # the last bin width
         self.warm = False
+        #: data-parallel training: ``encode`` sees this rank's rows of each batch (the
+        #: trainer sets it)
+        self.sharded = False
         self._box: dict[str, Any] = {}  # the masks of the latents encode returned last
         self._firing_cost: Tensor | None = None  # bits of one more firing, per feature
 
@@ -223,7 +240,8 @@ class CodeLengthObjective:
 
     def encode(self, sae: Any, x: Tensor) -> Tensor:
         if self.warm:
-            return warm_code(sae.encode_pre(x), self.warm_k(sae), self.warm_start)
+            return warm_code(sae.encode_pre(x), self.warm_k(sae), self.warm_start,
+                             self.sharded)
         if not self.applies(sae):
             return sae.encode(x)
         eps = sae.jumprelu_bandwidth if self.w is None else self.w

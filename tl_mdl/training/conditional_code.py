@@ -71,6 +71,11 @@ class ConditionalCodeLengthObjective(CodeLengthObjective):
     gets the straight-through conditional code length; a ReLU hierarchical SAE the older
     smooth surrogate :func:`~tl_mdl.training.hierarchical.hierarchical_mdl_penalty`."""
 
+    #: the settings its figures (README, docs/mnist_mdl.md) were measured with; the flat
+    #: objective's defaults were changed after them
+    straight_through = "threshold"
+    warm_start = "topk"
+
     @staticmethod
     def applies(sae: Any) -> bool:
         return isinstance(sae, HierarchicalSAE) and sae.cfg.activation == "jumprelu"
@@ -84,14 +89,15 @@ class ConditionalCodeLengthObjective(CodeLengthObjective):
         k = self.warm_start_k or default_warm_start_k(c.d_sae // (1 + kids))
         return min(k, c.n_parents)
 
-    def _warm_latents(self, sae: HierarchicalSAE, pre: Tensor) -> Tensor:
+    def _warm_latents(self, sae: HierarchicalSAE, pre: Tensor, sharded: bool = False
+                      ) -> Tensor:
         n_par = sae.cfg.n_parents
-        parents = warm_code(pre[:, :n_par], self.warm_k(sae), self.warm_start)
+        parents = warm_code(pre[:, :n_par], self.warm_k(sae), self.warm_start, sharded)
         return sae.gate(torch.cat([parents, torch.relu(pre[:, n_par:])], dim=-1))
 
     def encode(self, sae: Any, x: Tensor) -> Tensor:
         if self.warm:
-            return self._warm_latents(sae, sae.encode_pre(x))
+            return self._warm_latents(sae, sae.encode_pre(x), self.sharded)
         if not self.applies(sae):
             return sae.encode(x)
         eps = sae.jumprelu_bandwidth if self.w is None else self.w

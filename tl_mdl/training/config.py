@@ -37,8 +37,8 @@ class TrainConfig:
     min_improvement: float = 0.005  # plateau rule: relative improvement that counts
     warm_start_frac: float = 0.2  # mdl on JumpReLU: fraction of steps trained as TopK
     warm_start_k: int | None = None  # its k (default clamp(d_sae // 8, 1, 64))
-    #: mdl: the JumpReLU's straight-through estimator, "threshold" (default) or "jump"
-    #: (each near entry charged its exact toggle cost; docs/math.md §5)
+    #: mdl: the JumpReLU's straight-through estimator, "jump" (each near entry charged its
+    #: exact toggle cost; docs/math.md §5) or "threshold"; None: the objective's default
     straight_through: str | None = None
     #: mdl: the warm start's code, "topk" (k per row) or "batch_topk" (k per row on
     #: average over the batch); None: the objective's default
@@ -107,7 +107,7 @@ def check_arguments(tc: TrainConfig) -> None:
                 f"({tol:g}, 1). Pass e.g. target_fvu=0.15, or a smaller tolerance")
     if tc.straight_through not in (None, "threshold", "jump"):
         raise ValueError(f"straight_through={tc.straight_through!r} is unknown; use "
-                         "'threshold' (the default) or 'jump' (objective='mdl')")
+                         "'jump' (the default) or 'threshold' (objective='mdl')")
     if tc.straight_through is not None and tc.objective != "mdl":
         raise ValueError(f"straight_through={tc.straight_through!r} is a setting of "
                          f"objective='mdl', not of objective={tc.objective!r}; drop it")

@@ -169,6 +169,8 @@ class Run:
                  if getattr(tc, name) is not None}
         self.fn = make_objective(tc.objective, warm_start_frac=tc.warm_start_frac,
                                  warm_start_k=tc.warm_start_k, **extra)
+        if self.data_parallel and hasattr(self.fn, "sharded"):
+            self.fn.sharded = True  # its encode sees this rank's rows of each batch
         warm_k = getattr(self.fn, "warm_k", lambda s: None)(self.sae)
         self.warm_end: int | None = None  # the step the warm start ends at (when known)
         self.warm = warm_k is not None

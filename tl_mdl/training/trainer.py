@@ -65,12 +65,13 @@ def train_sae(
     says so; :mod:`tl_mdl.training.code_length`), ``"l1"`` (FVU + λ·decoder-norm-weighted
     L1), ``"topk"`` (FVU; needs ``activation="topk"``). ``sparsity`` is λ (defaults: mdl
     1e-3, l1 0.1). ``straight_through`` (mdl only): the JumpReLU's straight-through
-    estimator, ``"threshold"`` (default) or ``"jump"`` (each entry near its threshold
-    charged its exact toggle cost; shorter codes at low L0, docs/math.md §5).
-    ``warm_start`` (mdl): the TopK warm start's code, ``"topk"`` (each row's ``k``
-    largest) or ``"batch_topk"`` (the ``k · B`` largest of a batch of ``B`` rows, so rows
-    fire as many as they need); ``warm_start_k`` and ``warm_start_frac`` set its ``k``
-    and length.
+    estimator, ``"jump"`` (default: each entry near its threshold charged its exact toggle
+    cost, docs/math.md §5) or ``"threshold"`` (Rajamanoharan et al. 2024's threshold
+    gradient). ``warm_start`` (mdl): the TopK warm start's code, ``"batch_topk"``
+    (default: the ``k · B`` largest of a batch of ``B`` rows, so rows fire as many as they
+    need) or ``"topk"`` (each row's ``k`` largest); ``warm_start_k`` and
+    ``warm_start_frac`` set its ``k`` and length. (``hierarchical_mdl`` keeps
+    ``"threshold"`` and ``"topk"``, the settings its figures were measured with.)
 
     Fidelity target: ``target_fvu=t`` (objectives with a λ) minimises the penalty subject
     to a quantised FVU ``<= t`` on held-out rows: λ is adapted during training by dual
