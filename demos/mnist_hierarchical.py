@@ -77,6 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fixed training steps for every SAE (default: train_sae's convergence "
                         "rule)")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--straight-through", choices=["jump", "threshold"], default=None,
+                   help="both MDL objectives' JumpReLU estimator (default: each objective's "
+                        "own: 'jump' for the flat, 'threshold' for the hierarchical)")
+    p.add_argument("--warm-start", choices=["batch_topk", "topk"], default=None,
+                   help="both MDL objectives' warm start code (default: each objective's "
+                        "own: 'batch_topk' for the flat, 'topk' for the hierarchical)")
     p.add_argument("--rel", type=float, default=0.15, help="TopK k search precision")
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="precision tolerance: allowed FVU increase from quantising latents")
@@ -236,8 +242,10 @@ def main(argv=None) -> dict:
     train = load_mnist("train", args.mnist_path)[0][: args.train_size]
     test = args.test = load_mnist("test", args.mnist_path)[0][: args.test_size]
     budget = {"steps": args.steps} if args.steps else {}
+    settings = {k: v for k, v in (("straight_through", args.straight_through),
+                                  ("warm_start", args.warm_start)) if v is not None}
     common = dict(eval_activations=test, tolerance=args.tolerance, lr=args.lr,
-                  progress=not args.no_progress, **budget)
+                  progress=not args.no_progress, **budget, **settings)
     print(f"MNIST: {len(train)} train / {len(test)} test images; levels {args.levels}; "
           f"training {budget or 'until converged'} for every SAE")
 

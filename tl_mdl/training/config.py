@@ -108,7 +108,7 @@ def check_arguments(tc: TrainConfig) -> None:
     if tc.straight_through not in (None, "threshold", "jump"):
         raise ValueError(f"straight_through={tc.straight_through!r} is unknown; use "
                          "'jump' (the default) or 'threshold' (objective='mdl')")
-    if tc.straight_through is not None and tc.objective != "mdl":
+    if tc.straight_through is not None and tc.objective not in ("mdl", "hierarchical_mdl"):
         raise ValueError(f"straight_through={tc.straight_through!r} is a setting of "
                          f"objective='mdl', not of objective={tc.objective!r}; drop it")
     if tc.warm_start not in (None, "topk", "batch_topk"):
