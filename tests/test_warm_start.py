@@ -50,3 +50,100 @@ def test_the_warm_start_kind_is_recorded_and_trains():
                     warm_start="batch_topk", progress=False, return_history=True)
     assert res.sae.cfg.metadata["training"]["warm_start"] == "batch_topk"
     assert res.sae.cfg.activation == "jumprelu" and res.steps == 40
+
+
+# ------------------------------------------------ resuming: the run's own settings
+_RUN = dict(steps=40, batch_size=64, warm_start_frac=0.5, lr=3e-3, progress=False)
+
+
+def _data():
+    return torch.randn(512, 8, generator=torch.Generator().manual_seed(1))
+
+
+def _crash_at(step, *args, **kw):
+    """Train until ``step`` (exclusive), then stop as a crash would (checkpoints kept)."""
+    from tl_mdl.training.loop import Run
+
+    class Stop(Exception):
+        pass
+
+    real = Run.one_step
+
+    def crash(self, xb, s):
+        if s == step:
+            raise Stop
+        return real(self, xb, s)
+
+    Run.one_step = crash
+    try:
+        with pytest.raises(Stop):
+            train_sae(*args, **kw)
+    finally:
+        Run.one_step = real
+
+
+def _assert_same_weights(a, b):
+    for name, v in a.state_dict().items():
+        assert torch.equal(b.state_dict()[name], v), name
+
+
+def test_a_run_resumed_in_its_batch_topk_warm_start_equals_the_whole_run(tmp_path):
+    x, cfg = _data(), SAEConfig(d_in=8, d_sae=16)
+    whole = train_sae(x, cfg, "mdl", **_RUN)
+    _crash_at(13, x, cfg, "mdl", checkpoint_dir=tmp_path, checkpoint_every=10, **_RUN)
+    from tl_mdl.training.checkpointing import load_checkpoint
+
+    meta = load_checkpoint(tmp_path)[0]
+    assert meta["step"] == 10 and meta["loop"]["warm"] and meta["loop"]["warm_end"] == 20
+    resumed = train_sae(x, cfg, "mdl", checkpoint_dir=tmp_path, checkpoint_every=10, **_RUN)
+    _assert_same_weights(whole, resumed)
+
+
+def _as_written_before_warm_start_existed(path):
+    """Rewrite the checkpoint in ``path`` as tl_mdl wrote it before ``warm_start`` and the
+    record of the objective's settings: no such field in its TrainConfig."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from tl_mdl.training.checkpointing import META_KEY, STATE_JSON, STATE_TENSORS, load_checkpoint
+
+    meta, tensors = load_checkpoint(path)
+    meta["train_cfg"].pop("warm_start")
+    meta["loop"].pop("objective_settings", None)
+    text = json.dumps(meta)
+    save_file(tensors, str(path / STATE_TENSORS), metadata={META_KEY: text})
+    (path / STATE_JSON).write_text(text)
+
+
+def test_a_checkpoint_of_the_old_defaults_resumes_with_them(tmp_path, monkeypatch):
+    """A run started before 'jump' and BatchTopK were the defaults (straight_through and
+    warm_start left unset) continues with 'threshold' and the per-row TopK it started
+    with: resumed, it equals the whole run under those settings, not a mix of two."""
+    x, cfg = _data(), SAEConfig(d_in=8, d_sae=16)
+    with monkeypatch.context() as m:  # the objective as it was: the old class defaults
+        m.setattr(CodeLengthObjective, "straight_through", "threshold")
+        m.setattr(CodeLengthObjective, "warm_start", "topk")
+        whole = train_sae(x, cfg, "mdl", **_RUN)
+        _crash_at(13, x, cfg, "mdl", checkpoint_dir=tmp_path, checkpoint_every=10, **_RUN)
+    _as_written_before_warm_start_existed(tmp_path)
+    # asked for another setting explicitly: two runs would be mixed
+    with pytest.raises(ValueError, match="warm_start='topk' there, 'batch_topk' here"):
+        train_sae(x, cfg, "mdl", checkpoint_dir=tmp_path, warm_start="batch_topk", **_RUN)
+    resumed = train_sae(x, cfg, "mdl", checkpoint_dir=tmp_path, checkpoint_every=10,
+                        return_history=True, **_RUN)
+    _assert_same_weights(whole, resumed.sae)
+    training = resumed.sae.cfg.metadata["training"]
+    assert (training["straight_through"], training["warm_start"]) == ("threshold", "topk")
+
+
+def test_a_checkpoint_keeps_its_settings_when_the_defaults_change(tmp_path, monkeypatch):
+    x, cfg = _data(), SAEConfig(d_in=8, d_sae=16)
+    whole = train_sae(x, cfg, "mdl", return_history=True, **_RUN)
+    training = whole.sae.cfg.metadata["training"]  # the effective settings, recorded
+    assert (training["straight_through"], training["warm_start"]) == ("jump", "batch_topk")
+    _crash_at(13, x, cfg, "mdl", checkpoint_dir=tmp_path, checkpoint_every=10, **_RUN)
+    monkeypatch.setattr(CodeLengthObjective, "straight_through", "threshold")
+    monkeypatch.setattr(CodeLengthObjective, "warm_start", "topk")
+    resumed = train_sae(x, cfg, "mdl", checkpoint_dir=tmp_path, checkpoint_every=10, **_RUN)
+    _assert_same_weights(whole.sae, resumed)

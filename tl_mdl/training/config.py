@@ -52,6 +52,14 @@ NEW_FIELDS = ("target_fvu", "until_converged", "max_steps", "eval_every", "patie
               "min_improvement", "warm_start_frac", "warm_start_k", "track_heldout",
               "straight_through", "warm_start")
 
+#: TrainConfig fields whose None means "the objective's own default" (an attribute of the
+#: objective of that name). A default may change between tl_mdl versions, so a run records
+#: the values it used (checkpoint, ``metadata["training"]``) and a resumed run keeps them.
+OBJECTIVE_SETTINGS = ("straight_through", "warm_start")
+#: what they were in runs whose checkpoints predate ``warm_start`` (and the record): the
+#: ``mdl`` objectives' defaults until 2026-12-04
+LEGACY_OBJECTIVE_SETTINGS = {"straight_through": "threshold", "warm_start": "topk"}
+
 
 @dataclass
 class TrainResult:
@@ -121,4 +129,5 @@ def check_arguments(tc: TrainConfig) -> None:
         raise ValueError(f"warm_start_frac must be in [0, 1), got {tc.warm_start_frac!r}")
 
 
-__all__ = ["TrainConfig", "TrainResult", "NEW_FIELDS", "DEFAULT_MAX_STEPS", "check_arguments"]
+__all__ = ["TrainConfig", "TrainResult", "NEW_FIELDS", "OBJECTIVE_SETTINGS",
+           "LEGACY_OBJECTIVE_SETTINGS", "DEFAULT_MAX_STEPS", "check_arguments"]

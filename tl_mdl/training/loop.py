@@ -28,7 +28,12 @@ from tl_mdl.training.checkpointing import (
     restore,
     save_checkpoint,
 )
-from tl_mdl.training.config import TrainConfig, TrainResult
+from tl_mdl.training.config import (
+    LEGACY_OBJECTIVE_SETTINGS,
+    OBJECTIVE_SETTINGS,
+    TrainConfig,
+    TrainResult,
+)
 from tl_mdl.training.convergence import FidelityTarget, PlateauRule
 from tl_mdl.training.objectives import Objective, make_objective
 
@@ -165,7 +170,7 @@ class Run:
         self.sae = (HierarchicalSAE if isinstance(cfg, HierarchicalSAEConfig) else SAE)(
             cfg, seed=tc.seed)
         # only when given: registered objectives' from_settings predate these settings
-        extra = {name: getattr(tc, name) for name in ("straight_through", "warm_start")
+        extra = {name: getattr(tc, name) for name in OBJECTIVE_SETTINGS
                  if getattr(tc, name) is not None}
         self.fn = make_objective(tc.objective, warm_start_frac=tc.warm_start_frac,
                                  warm_start_k=tc.warm_start_k, **extra)
@@ -207,12 +212,43 @@ class Run:
             "target": None if self.target is None else self.target.state(),
             "converged": self.converged, "last_eval": self.last_eval,
             "evaluations": self.evaluations, "converged_at": self.converged_at,
+            "objective_settings": self.objective_settings(),
         }
+
+    def objective_settings(self) -> dict[str, str]:
+        """The values of :data:`OBJECTIVE_SETTINGS` this run's objective uses (a
+        TrainConfig's None is the objective's default); empty for objectives without them."""
+        return {name: getattr(self.fn, name) for name in OBJECTIVE_SETTINGS
+                if isinstance(getattr(self.fn, name, None), str)}
+
+    def _keep_objective_settings(self, meta: dict[str, Any]) -> None:
+        """Continue with the objective settings the checkpoint's run used where this
+        TrainConfig leaves them to the objective's default, which may have changed since
+        (a checkpoint without their record and without ``warm_start`` predates both: the
+        defaults then). A setting asked for explicitly that differs raises."""
+        now = self.objective_settings()
+        saved = (meta.get("loop") or {}).get("objective_settings")
+        if saved is None:
+            saved_tc = meta.get("train_cfg") or {}
+            if "warm_start" in saved_tc:  # written on 2026-12-04 before the record:
+                return  # its defaults were (for all but half an hour) today's
+            saved = {n: saved_tc.get(n) or v for n, v in LEGACY_OBJECTIVE_SETTINGS.items()}
+        for name, value in saved.items():
+            if name not in now or now[name] == value:
+                continue
+            if getattr(self.tc, name) is not None:
+                raise ValueError(
+                    f"checkpoint in {self.ckpt} was trained with other settings ({name}="
+                    f"{value!r} there, {now[name]!r} here); resuming it would mix two runs. "
+                    f"Leave {name} unset to continue that run, or pass another checkpoint_dir, "
+                    "or resume=False to start over (overwriting it)")
+            setattr(self.fn, name, value)
 
     def _resume(self) -> None:
         assert self.ckpt is not None
         meta, tensors = load_checkpoint(self.ckpt)
         check_resumable(self.ckpt, meta, self.cfg, self.tc)
+        self._keep_objective_settings(meta)
         objective_state = restore(self.sae, self.opt, meta, tensors)
         if objective_state and hasattr(self.fn, "load_state_dict"):
             self.fn.load_state_dict(objective_state)
@@ -393,7 +429,7 @@ class Run:
                 RuntimeWarning, stacklevel=4)
         outcome = {"converged": self.converged, "steps_taken": done,
                    "final_sparsity": self.lam, "heldout_fvu": fvu}
-        sae.cfg.metadata["training"] = {**asdict(tc), **outcome}
+        sae.cfg.metadata["training"] = {**asdict(tc), **self.objective_settings(), **outcome}
         return TrainResult(sae, self.history, self.converged, done, self.lam, tc.target_fvu,
                            fvu, fvu_q, self.evaluations, self.converged_at)
 

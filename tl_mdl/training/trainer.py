@@ -100,11 +100,14 @@ def train_sae(
     ``ValueError`` (use another ``checkpoint_dir``, or ``resume=False`` to overwrite it);
     only ``steps``, ``epochs``, ``max_steps``, ``checkpoint_every`` and ``log_every`` may
     change, e.g. to train further (see :data:`RESUME_MAY_DIFFER` for the learning-rate
-    decay). Non-finite activations or losses stop training with ``FloatingPointError``,
+    decay). Settings left to the objective's default (``straight_through``, ``warm_start``)
+    keep the values the checkpoint's run used, should the default have changed since.
+    Non-finite activations or losses stop training with ``FloatingPointError``,
     keeping the last checkpoint; so do non-finite gradients or weights (checked before and
     after each update). Returns the SAE (or a :class:`TrainResult` with the loss history
     when ``return_history=True``); its ``cfg`` is a copy of ``cfg`` with this run's
-    settings and outcome in ``metadata["training"]`` (``cfg`` itself is not changed).
+    settings (those left to the objective's default as it used them) and outcome in
+    ``metadata["training"]`` (``cfg`` itself is not changed).
 
     Data-parallel (``distributed=None``: whenever a ``torch.distributed`` process group with
     several ranks is initialised, e.g. under ``torchrun``; see
