@@ -13,6 +13,7 @@ from builders import SHORT_TRAIN, bitwise_equal, sparse_sums
 from tl_mdl import SAE, SAEConfig, description_length, sweep, train_sae
 from tl_mdl.mdl import select_mdl, select_mdl_row
 from tl_mdl.mdl.hierarchical import hierarchical_dl_report
+from tl_mdl.training.code_length import CodeLengthObjective
 from tl_mdl.training.hierarchical import HierarchicalSweepTable, sweep_hierarchical
 from tl_mdl.training.sweep import SweepTable
 
@@ -105,6 +106,27 @@ def test_sweep_rows_without_settings_are_recomputed(tmp_path):
     third = sweep(x, **kw)[0]
     assert bitwise_equal(third["sae"], first["sae"])
     assert bitwise_equal(SAE.load(tmp_path / "w16_s2"), first["sae"])
+
+
+def test_sweep_rows_of_the_old_mdl_defaults_are_trained_again(tmp_path, monkeypatch):
+    """A row stored before 'jump' and BatchTopK were the mdl objective's defaults
+    (straight_through and warm_start unset: 'threshold' and TopK then) is not a row of
+    today's defaults; rows stored now are reused."""
+    x = sparse_sums()
+    kw = dict(widths=[16], sparsities=[1e-3], objective="mdl", out_dir=tmp_path,
+              **SHORT_TRAIN)
+    with monkeypatch.context() as m:  # the objective as it was
+        m.setattr(CodeLengthObjective, "straight_through", "threshold")
+        m.setattr(CodeLengthObjective, "warm_start", "topk")
+        old = sweep(x, **kw)[0]
+    new = sweep(x, **kw)[0]
+    assert not bitwise_equal(new["sae"], old["sae"])
+    training = new["sae"].cfg.metadata["training"]
+    assert (training["straight_through"], training["warm_start"]) == ("jump", "batch_topk")
+    assert sweep(x, **kw)[0]["train_seconds"] == new["train_seconds"]  # reused
+    # settings asked for by name are part of the row already
+    assert sweep(x, straight_through="jump", warm_start="batch_topk", **kw)[0][
+        "train_seconds"] == new["train_seconds"]
 
 
 def test_hierarchical_sweep_rerun_checks_settings(tmp_path):

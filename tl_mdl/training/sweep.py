@@ -29,6 +29,8 @@ from tl_mdl.mdl import (
 from tl_mdl.mdl.select import resolve_fvu_threshold
 from tl_mdl.sae import SAE, SAEConfig
 from tl_mdl.training import distributed as ddp
+from tl_mdl.training.config import LEGACY_OBJECTIVE_SETTINGS, OBJECTIVE_SETTINGS
+from tl_mdl.training.objectives import get_objective
 from tl_mdl.training.trainer import NEW_FIELDS, TrainConfig, train_sae
 
 #: the scalar columns of a sweep table (CSV order)
@@ -163,6 +165,12 @@ def row_settings(
                              and train_kwargs.get("epochs") is None)
     for k in _NOT_SETTINGS:
         tc.pop(k, None)
+    entry = get_objective(objective)
+    for k in OBJECTIVE_SETTINGS:  # None: the objective's default, which may have changed
+        default = getattr(entry, k, None)
+        if tc.get(k) is None and isinstance(default, str) and default != (
+                LEGACY_OBJECTIVE_SETTINGS[k]):  # rows stored without it were trained so
+            tc[k] = default
     defaults = asdict(TrainConfig())
     for k in NEW_FIELDS:  # absent in rows stored before they existed: same training
         if k in tc and tc[k] == defaults[k]:
