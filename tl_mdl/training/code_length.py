@@ -22,20 +22,25 @@ latents alone, from the active side, ``2 · #{θ_i < f ≤ θ_i + ε/2}``, as la
 no value below the threshold). ``ε = w``, the bin width at which
 uniform rounding noise uses up the precision ``tolerance`` (see
 :func:`~tl_mdl.training.objectives.surrogate_bin_width`): the precision the search will
-choose, so thresholds move on the scale the code resolves. The SAE's own JumpReLU
-straight-through gradient (reconstruction → θ) uses the same ``ε``.
+choose, so thresholds move on the scale the code resolves. The reconstruction's gradient
+to ``θ`` uses the same ``ε``: with ``straight_through="jump"`` (the default) each entry
+near its threshold is charged the exact loss change of switching it (to ``θ`` and to the
+pre-activations, :class:`_JumpCode`); with ``"threshold"``, the SAE's own JumpReLU
+straight-through gradient.
 
 ``loss = FVU + λ · penalty``; with ``target_fvu`` the trainer adapts λ (dual ascent, see
 :class:`~tl_mdl.training.convergence.FidelityTarget`).
 
-Warm start: the first ``warm_start_frac`` of the steps train the same weights as a TopK
-SAE (``k = warm_start_k``, default ``clamp(d_sae // 8, 1, 64)``), reconstruction only;
-then each threshold is set to the quantile of its pre-activations that keeps its TopK
-firing rate, and training continues as JumpReLU with the code-length penalty. Without it
-a JumpReLU SAE trained from scratch under a code-length cost loses most of its features
-(a rarely firing feature's firings are the most expensive, so it never recovers). After
-every step decoder rows are scaled to unit norm (output-preserving: the encoder and the
-thresholds take the scale) and thresholds are kept ``>= 0``.
+Warm start: the first ``warm_start_frac`` of the steps train the same weights on a
+TopK-style code (``warm_start``: ``"batch_topk"``, the default, the ``k · B`` largest of
+a batch of ``B`` rows; or ``"topk"``, each row's ``k`` largest; ``k = warm_start_k``,
+default ``clamp(d_sae // 8, 1, 64)``), reconstruction only; then each threshold is set
+to the quantile of its pre-activations that keeps its warm-start firing rate, and
+training continues as JumpReLU with the code-length penalty. Without it a JumpReLU SAE
+trained from scratch under a code-length cost loses most of its features (a rarely
+firing feature's firings are the most expensive, so it never recovers). After every step
+decoder rows are scaled to unit norm (output-preserving: the encoder and the thresholds
+take the scale) and thresholds are kept ``>= 0``.
 """
 
 from __future__ import annotations
