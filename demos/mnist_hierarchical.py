@@ -194,6 +194,8 @@ def hierarchy_use(row: dict, test: torch.Tensor) -> dict:
 def mdl_rows(args, train, seed: int, common: dict) -> list[dict]:
     """Flat MDL SAEs and hierarchical SAEs (conditional MDL), each at every target."""
     out = args.out_path
+    common = common | {k: v for k, v in (("straight_through", args.straight_through),
+                                         ("warm_start", args.warm_start)) if v is not None}
     rows = [dict(r) | {"kind": "mdl", "shape": f"F={r['width']}"} for r in sweep(
         train, widths=_ints(args.mdl_widths), sparsities=[args.sparsity], objective="mdl",
         target_fvus=args.levels, out_dir=out / "saes_flat" / f"seed{seed}", seed=seed,
@@ -242,10 +244,8 @@ def main(argv=None) -> dict:
     train = load_mnist("train", args.mnist_path)[0][: args.train_size]
     test = args.test = load_mnist("test", args.mnist_path)[0][: args.test_size]
     budget = {"steps": args.steps} if args.steps else {}
-    settings = {k: v for k, v in (("straight_through", args.straight_through),
-                                  ("warm_start", args.warm_start)) if v is not None}
     common = dict(eval_activations=test, tolerance=args.tolerance, lr=args.lr,
-                  progress=not args.no_progress, **budget, **settings)
+                  progress=not args.no_progress, **budget)
     print(f"MNIST: {len(train)} train / {len(test)} test images; levels {args.levels}; "
           f"training {budget or 'until converged'} for every SAE")
 
