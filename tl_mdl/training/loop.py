@@ -284,7 +284,14 @@ class Run:
         assert self.heldout is not None
         x = self.heldout.to(self.sae.W_enc.device, self.sae.W_enc.dtype)
         encode = getattr(self.fn, "encode", None) or (lambda s, v: s.encode(v))
-        latents = encode(self.sae, x)
+        sharded = getattr(self.fn, "sharded", False)
+        if sharded:  # every rank evaluates all held-out rows: nothing to gather
+            self.fn.sharded = False
+        try:
+            latents = encode(self.sae, x)
+        finally:
+            if sharded:
+                self.fn.sharded = True
         loss, parts = self.fn(self.sae, x, latents, self.sae.decode(latents), self.lam,
                               self.tc.tolerance)
         fvu = float(parts.get("fvu", loss))
