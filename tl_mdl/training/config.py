@@ -87,6 +87,10 @@ class TrainResult:
     converged_at: int | None = None
 
 
+#: the MDL objectives' own settings and their values
+_MDL_SETTINGS = {"straight_through": ("jump", "threshold"), "warm_start": ("batch_topk", "topk")}
+
+
 def check_arguments(tc: TrainConfig) -> None:
     for name in ("batch_size", "epochs", "checkpoint_every", "steps", "max_steps",
                  "eval_every", "patience"):
@@ -113,18 +117,19 @@ def check_arguments(tc: TrainConfig) -> None:
                 f"target_fvu={t!r} cannot be met: it is a quantised FVU, which is the FVU "
                 f"plus up to tolerance={tol:g} from quantising, so it must lie in "
                 f"({tol:g}, 1). Pass e.g. target_fvu=0.15, or a smaller tolerance")
-    if tc.straight_through not in (None, "threshold", "jump"):
-        raise ValueError(f"straight_through={tc.straight_through!r} is unknown; use "
-                         "'jump' (the default) or 'threshold' (objective='mdl')")
-    if tc.straight_through is not None and tc.objective not in ("mdl", "hierarchical_mdl"):
-        raise ValueError(f"straight_through={tc.straight_through!r} is a setting of "
-                         f"objective='mdl', not of objective={tc.objective!r}; drop it")
-    if tc.warm_start not in (None, "topk", "batch_topk"):
-        raise ValueError(f"warm_start={tc.warm_start!r} is unknown; use 'topk' (each row's "
-                         "k largest) or 'batch_topk' (k per row on average over the batch)")
-    if tc.warm_start is not None and tc.objective not in ("mdl", "hierarchical_mdl"):
-        raise ValueError(f"warm_start={tc.warm_start!r} is a setting of objective='mdl', "
-                         f"not of objective={tc.objective!r}; drop it")
+    for name, choices in (
+        ("straight_through", "'jump' (the default) or 'threshold'"),
+        ("warm_start", "'batch_topk' (the default: k per row on average over the batch) or "
+                       "'topk' (each row's k largest)"),
+    ):
+        value = getattr(tc, name)
+        if value is None:
+            continue
+        if value not in _MDL_SETTINGS[name]:
+            raise ValueError(f"{name}={value!r} is unknown; use {choices} (objective='mdl')")
+        if tc.objective not in ("mdl", "hierarchical_mdl"):
+            raise ValueError(f"{name}={value!r} is a setting of objective='mdl', not of "
+                             f"objective={tc.objective!r}; drop it")
     if not 0 <= tc.warm_start_frac < 1:
         raise ValueError(f"warm_start_frac must be in [0, 1), got {tc.warm_start_frac!r}")
 
