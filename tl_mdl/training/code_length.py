@@ -54,6 +54,7 @@ from torch import Tensor
 
 from tl_mdl._sparse import topk
 from tl_mdl.sae import SAE
+from tl_mdl.training.config import STRAIGHT_THROUGHS, WARM_STARTS
 from tl_mdl.training.objectives import batch_fvu, smooth_mdl
 
 _TWO_PI_E = 2 * math.pi * math.e
@@ -63,15 +64,12 @@ def default_warm_start_k(d_sae: int) -> int:
     return max(1, min(d_sae // 8, 64))
 
 
-#: the warm start's codes: ``"topk"``, each row's ``k`` largest pre-activations; or
-#: ``"batch_topk"``, the ``k · B`` largest positive pre-activations of the batch of ``B``
-#: rows (BatchTopK, Bussmann et al. 2024: ``k`` active per row on average)
-WARM_STARTS = ("topk", "batch_topk")
-
-
 def warm_code(pre: Tensor, k: int, kind: str, sharded: bool = False) -> Tensor:
     """The warm start's latents of pre-activations ``pre [B, F]``: ``pre`` where chosen
-    (and positive), 0 elsewhere; differentiable in the chosen entries. ``sharded``: ``pre``
+    (and positive), 0 elsewhere; differentiable in the chosen entries. ``kind``
+    (:data:`~tl_mdl.training.config.WARM_STARTS`): ``"topk"``, each row's ``k`` largest; or
+    ``"batch_topk"``, the ``k · B`` largest positive entries of the batch of ``B`` rows
+    (BatchTopK, Bussmann et al. 2024: ``k`` active per row on average). ``sharded``: ``pre``
     is this rank's share of the batch's rows (data-parallel training), and BatchTopK
     chooses over the whole batch."""
     if kind == "topk":
@@ -211,9 +209,9 @@ class CodeLengthObjective:
 
     def __init__(self, warm_start_frac: float = 0.2, warm_start_k: int | None = None,
                  straight_through: str | None = None, warm_start: str | None = None):
-        if straight_through not in (None, "threshold", "jump"):
-            raise ValueError(f"straight_through={straight_through!r} is unknown; use "
-                             "'threshold' or 'jump'")
+        if straight_through not in (None, *STRAIGHT_THROUGHS):
+            raise ValueError(f"straight_through={straight_through!r} is unknown; use one of "
+                             f"{STRAIGHT_THROUGHS}")
         if warm_start not in (None, *WARM_STARTS):
             raise ValueError(f"warm_start={warm_start!r} is unknown; use one of {WARM_STARTS}")
         if straight_through is not None:
@@ -370,4 +368,4 @@ class CodeLengthObjective:
         return cost.to(latents.dtype), self.h.to(latents.dtype), w
 
 
-__all__ = ["CodeLengthObjective", "WARM_STARTS", "default_warm_start_k", "warm_code"]
+__all__ = ["CodeLengthObjective", "default_warm_start_k", "warm_code"]

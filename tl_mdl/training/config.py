@@ -56,6 +56,10 @@ NEW_FIELDS = ("target_fvu", "until_converged", "max_steps", "eval_every", "patie
 #: objective of that name). A default may change between tl_mdl versions, so a run records
 #: the values it used (checkpoint, ``metadata["training"]``) and a resumed run keeps them.
 OBJECTIVE_SETTINGS = ("straight_through", "warm_start")
+#: their values (the MDL objectives check them too)
+STRAIGHT_THROUGHS = ("jump", "threshold")
+WARM_STARTS = ("batch_topk", "topk")
+_CHOICES = {"straight_through": STRAIGHT_THROUGHS, "warm_start": WARM_STARTS}
 #: what they were in runs whose checkpoints predate ``warm_start`` (and the record): the
 #: ``mdl`` objectives' defaults until 2026-12-04
 LEGACY_OBJECTIVE_SETTINGS = {"straight_through": "threshold", "warm_start": "topk"}
@@ -85,10 +89,6 @@ class TrainResult:
     heldout_fvu_quantized: float | None = None
     evaluations: list[dict[str, float]] = field(default_factory=list)
     converged_at: int | None = None
-
-
-#: the MDL objectives' own settings and their values
-_MDL_SETTINGS = {"straight_through": ("jump", "threshold"), "warm_start": ("batch_topk", "topk")}
 
 
 def check_arguments(tc: TrainConfig) -> None:
@@ -125,7 +125,7 @@ def check_arguments(tc: TrainConfig) -> None:
         value = getattr(tc, name)
         if value is None:
             continue
-        if value not in _MDL_SETTINGS[name]:
+        if value not in _CHOICES[name]:
             raise ValueError(f"{name}={value!r} is unknown; use {choices} (objective='mdl')")
         if tc.objective not in ("mdl", "hierarchical_mdl"):
             raise ValueError(f"{name}={value!r} is a setting of objective='mdl', not of "
@@ -135,4 +135,5 @@ def check_arguments(tc: TrainConfig) -> None:
 
 
 __all__ = ["TrainConfig", "TrainResult", "NEW_FIELDS", "OBJECTIVE_SETTINGS",
-           "LEGACY_OBJECTIVE_SETTINGS", "DEFAULT_MAX_STEPS", "check_arguments"]
+           "LEGACY_OBJECTIVE_SETTINGS", "STRAIGHT_THROUGHS", "WARM_STARTS", "DEFAULT_MAX_STEPS",
+           "check_arguments"]
