@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from tl_mdl._io import atomic_write
+from tl_mdl.training.config import LEGACY_OBJECTIVE_SETTINGS
 
 STATE_JSON = "train_state.json"
 STATE_TENSORS = "train_state.safetensors"
@@ -28,6 +29,33 @@ META_KEY = "tl_mdl_train_state"
 #: before the decay of both schedules; the same holds for the end of the ``mdl``
 #: objective's warm start, a fraction of the steps).
 RESUME_MAY_DIFFER = ("steps", "epochs", "max_steps", "checkpoint_every", "log_every")
+
+
+def kept_objective_settings(ckpt: Path, meta: dict[str, Any], now: dict[str, str],
+                            tc: Any) -> dict[str, str]:
+    """The objective settings (``OBJECTIVE_SETTINGS``; ``now``: this run's) a resumed run
+    must take from the checkpoint's run: those this TrainConfig leaves to the objective's
+    default, which may have changed since (a checkpoint without their record and without
+    ``warm_start`` predates both: the defaults then). A setting asked for explicitly that
+    differs raises."""
+    saved = (meta.get("loop") or {}).get("objective_settings")
+    if saved is None:
+        saved_tc = meta.get("train_cfg") or {}
+        if "warm_start" in saved_tc:  # written on 2026-12-04 before the record:
+            return {}  # its defaults were (for all but half an hour) today's
+        saved = {n: saved_tc.get(n) or v for n, v in LEGACY_OBJECTIVE_SETTINGS.items()}
+    keep = {}
+    for name, value in saved.items():
+        if name not in now or now[name] == value:
+            continue
+        if getattr(tc, name) is not None:
+            raise ValueError(
+                f"checkpoint in {ckpt} was trained with other settings ({name}="
+                f"{value!r} there, {now[name]!r} here); resuming it would mix two runs. "
+                f"Leave {name} unset to continue that run, or pass another checkpoint_dir, "
+                "or resume=False to start over (overwriting it)")
+        keep[name] = value
+    return keep
 
 
 def check_resumable(ckpt: Path, meta: dict[str, Any], cfg: Any, tc: Any) -> None:
@@ -140,6 +168,7 @@ __all__ = [
     "META_KEY",
     "RESUME_MAY_DIFFER",
     "check_resumable",
+    "kept_objective_settings",
     "save_checkpoint",
     "has_checkpoint",
     "load_checkpoint",

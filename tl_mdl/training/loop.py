@@ -24,16 +24,12 @@ from tl_mdl.training.batching import Batches, check_batch, init_b_dec, split_hel
 from tl_mdl.training.checkpointing import (
     check_resumable,
     has_checkpoint,
+    kept_objective_settings,
     load_checkpoint,
     restore,
     save_checkpoint,
 )
-from tl_mdl.training.config import (
-    LEGACY_OBJECTIVE_SETTINGS,
-    OBJECTIVE_SETTINGS,
-    TrainConfig,
-    TrainResult,
-)
+from tl_mdl.training.config import OBJECTIVE_SETTINGS, TrainConfig, TrainResult
 from tl_mdl.training.convergence import FidelityTarget, PlateauRule
 from tl_mdl.training.objectives import Objective, make_objective
 
@@ -221,34 +217,13 @@ class Run:
         return {name: getattr(self.fn, name) for name in OBJECTIVE_SETTINGS
                 if isinstance(getattr(self.fn, name, None), str)}
 
-    def _keep_objective_settings(self, meta: dict[str, Any]) -> None:
-        """Continue with the objective settings the checkpoint's run used where this
-        TrainConfig leaves them to the objective's default, which may have changed since
-        (a checkpoint without their record and without ``warm_start`` predates both: the
-        defaults then). A setting asked for explicitly that differs raises."""
-        now = self.objective_settings()
-        saved = (meta.get("loop") or {}).get("objective_settings")
-        if saved is None:
-            saved_tc = meta.get("train_cfg") or {}
-            if "warm_start" in saved_tc:  # written on 2026-12-04 before the record:
-                return  # its defaults were (for all but half an hour) today's
-            saved = {n: saved_tc.get(n) or v for n, v in LEGACY_OBJECTIVE_SETTINGS.items()}
-        for name, value in saved.items():
-            if name not in now or now[name] == value:
-                continue
-            if getattr(self.tc, name) is not None:
-                raise ValueError(
-                    f"checkpoint in {self.ckpt} was trained with other settings ({name}="
-                    f"{value!r} there, {now[name]!r} here); resuming it would mix two runs. "
-                    f"Leave {name} unset to continue that run, or pass another checkpoint_dir, "
-                    "or resume=False to start over (overwriting it)")
-            setattr(self.fn, name, value)
-
     def _resume(self) -> None:
         assert self.ckpt is not None
         meta, tensors = load_checkpoint(self.ckpt)
         check_resumable(self.ckpt, meta, self.cfg, self.tc)
-        self._keep_objective_settings(meta)
+        for name, value in kept_objective_settings(self.ckpt, meta, self.objective_settings(),
+                                                   self.tc).items():
+            setattr(self.fn, name, value)
         objective_state = restore(self.sae, self.opt, meta, tensors)
         if objective_state and hasattr(self.fn, "load_state_dict"):
             self.fn.load_state_dict(objective_state)
