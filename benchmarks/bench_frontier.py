@@ -70,7 +70,7 @@ from tl_mdl.training import TrainConfig  # noqa: E402
 from tl_mdl.training.code_length import CodeLengthObjective  # noqa: E402
 
 TOLERANCE = 0.01
-TARGETS = (0.15, 0.25)
+LEVELS = (0.15, 0.25)  # the issue's fidelity levels (FVU_q) at which the frontiers are compared
 TARGET_SLACK = 0.015  # train_sae's own "target met" slack (the issue's "within 0.015")
 
 
@@ -182,7 +182,7 @@ def l1_cached(name, train, test, width, lam, seed, a, kw) -> dict:
 def one_seed(name, train, test, width: int, ks, seed: int, a, l1s=()) -> dict:
     kw = train_kwargs(a, seed)
     topk = [topk_cached(name, train, test, width, k, seed, a, kw) for k in ks if k <= width]
-    mdl = {t: mdl_cached(name, train, test, width, t, seed, a, kw) for t in TARGETS}
+    mdl = {t: mdl_cached(name, train, test, width, t, seed, a, kw) for t in a.targets}
     l1 = [l1_cached(name, train, test, width, lam, seed, a, kw) for lam in l1s]
     return {"topk": topk, "mdl": mdl, "l1": l1}
 
@@ -215,9 +215,9 @@ def stop_label(row: dict) -> str:
     return f"{row['steps']} (cap; not converged)"
 
 
-def report(name: str, runs: list[dict], side: str = "topk") -> None:
+def report(name: str, runs: list[dict], a, side: str = "topk") -> None:
     """One ratio line per target against the ``side`` frontier (``topk`` or ``l1``)."""
-    for t in TARGETS:
+    for t in a.targets:
         ours, base, ratios, fvus = [], [], [], []
         for run in runs:
             row = run["mdl"][t]
@@ -242,6 +242,35 @@ def report(name: str, runs: list[dict], side: str = "topk") -> None:
         print(f"{label}: ours {statistics.mean(ours):.4g} bits, baseline "
               f"{statistics.mean(base):.4g} bits, ratio {statistics.mean(ratios):.3f}"
               f"  (± {sd:.3f} sd over {len(ratios)} seed(s); MDL FVU_q {fq})", flush=True)
+
+
+def frontier_report(name: str, runs: list[dict], side: str = "topk") -> None:
+    """Frontier against frontier at each of the issue's levels: the MDL runs' own Pareto
+    frontier (one point per target, ``log(bits)`` interpolated in the FVU_q exactly as the
+    baseline's) against the ``side`` frontier, both read at FVU_q = level on the test rows.
+    A seed whose MDL points do not bracket the level is left out and counted."""
+    for level in LEVELS:
+        ours, base, ratios, outside = [], [], [], 0
+        for run in runs:
+            o = frontier_bits_at(run["mdl"].values(), level)
+            b = frontier_bits_at(run[side], level)
+            if o is None or b is None:
+                outside += 1
+                continue
+            ours.append(o)
+            base.append(b)
+            ratios.append(o / b)
+        label = f"{name} frontier at FVU_q {level:g}" + ("" if side == "topk" else f" vs {side}")
+        if outside:
+            print(f"# {label}: {outside}/{len(runs)} seed(s) left out (their MDL targets or "
+                  f"the {side} runs do not bracket FVU_q {level:g} on the test rows)",
+                  flush=True)
+        if not ratios:
+            continue
+        sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+        print(f"{label}: ours {statistics.mean(ours):.4g} bits, baseline "
+              f"{statistics.mean(base):.4g} bits, ratio {statistics.mean(ratios):.3f}"
+              f"  (± {sd:.3f} sd over {len(ratios)} seed(s))", flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -271,6 +300,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="the MDL objective's JumpReLU straight-through estimator "
                     "(train_sae's straight_through=, docs/math.md §5; default: train_sae's "
                     "own); same as --mdl-option straight_through=...")
+    ap.add_argument("--targets", default=None,
+                    help="MDL fidelity targets, e.g. 0.13,0.15,0.22,0.25 (default: the "
+                    "levels 0.15,0.25); with more than one, the MDL frontier itself is also "
+                    "compared with the baseline's at FVU_q 0.15 and 0.25")
     ap.add_argument("--l1", default=None,
                     help="also an L1 frontier at these λ (MNIST width 128 only), e.g. "
                     "0.03,0.1,0.3; printed as its own ratio lines")
@@ -285,6 +318,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--converge takes a positive cap in steps, e.g. 10000; got {a.converge}")
     if not a.converge:
         a.steps = a.steps or (3000 if a.full else 1500)
+    try:
+        a.targets = (tuple(float(t) for t in a.targets.split(",")) if a.targets
+                     else LEVELS)
+    except ValueError:
+        ap.error(f"--targets takes FVU_q values separated by commas, e.g. 0.13,0.15,0.22,"
+                 f"0.25; got {a.targets!r}")
+    if not all(0 < t < 1 for t in a.targets):
+        ap.error(f"--targets must lie in (0, 1); got {a.targets}")
     return a
 
 
@@ -371,13 +412,16 @@ def run_case(name, train, test, width: int, ks, seeds, a) -> None:
                   + ", ".join(f"{r['fvu_quantized']:.3f}:{r['bits_per_input']:.1f}"
                               for r in runs[-1]["topk"]), flush=True)
     print(f"# {name}: {time.perf_counter() - t0:.0f} s", flush=True)
-    report(name, runs)
+    report(name, runs, a)
+    if len(a.targets) > 1:
+        for side in ("topk", "l1") if runs[0]["l1"] else ("topk",):
+            frontier_report(name, runs, side)
     if runs[0]["l1"]:
         for run in runs:
             print(f"# {name} L1 (bits at FVU_q): " + ", ".join(
                 f"{r['fvu_quantized']:.3f}:{r['bits_per_input']:.1f}" for r in run["l1"]),
                 flush=True)
-        report(name, runs, "l1")
+        report(name, runs, a, "l1")
     convergence_line(name, runs, a)
 
 

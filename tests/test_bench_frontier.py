@@ -72,12 +72,11 @@ def test_converge_mode_runs_every_side_by_the_rule(tmp_path, monkeypatch):
     train, test = x[:2500], x[2500:]
     cap = 1000
     a = bf.parse_args(["--converge", str(cap), "--batch-size", "64", "--cache",
-                       str(tmp_path)])
+                       str(tmp_path), "--targets", "0.6"])
     assert a.converge == cap
     budget = bf.train_kwargs
     monkeypatch.setattr(bf, "train_kwargs", lambda a, s: {**budget(a, s), "eval_every": 10})
     monkeypatch.setattr(bf, "source_tree", lambda: "tree0")  # MDL runs cached too
-    monkeypatch.setattr(bf, "TARGETS", (0.6,))
     run = bf.one_seed("tiny", train, test, 16, (2, 4), 0, a)
     rows = run["topk"] + list(run["mdl"].values())
     assert len(rows) == 3
@@ -178,18 +177,45 @@ def test_straight_through_choice_is_in_the_mdl_cache_key(tmp_path, monkeypatch):
         "c_w4_mdl0.25_straight_through-threshold_s0_1500x256_lr0.003_tree0.json"]
 
 
-def test_report_flags_a_missed_target(capsys, monkeypatch):
+def test_report_flags_a_missed_target(capsys):
     """An MDL SAE above target + 0.015 is called missed; beyond the TopK frontier's range
     there is no ratio."""
     topk = [{"fvu_quantized": 0.339, "bits_per_input": 9.0},
             {"fvu_quantized": 0.203, "bits_per_input": 18.0}]
     runs = [{"topk": topk, "mdl": {0.15: {"fvu_quantized": 0.16, "bits_per_input": 1.0},
                                    0.25: {"fvu_quantized": 0.386, "bits_per_input": 5.9}}}]
-    monkeypatch.setattr(bf, "TARGETS", (0.25,))
-    bf.report("c", runs)
+    bf.report("c", runs, bf.parse_args(["--targets", "0.25"]))
     out = capsys.readouterr().out.splitlines()
     assert out == [
         "# c target 0.25: target missed in 1/1 seed(s) (test FVU_q 0.386; met means <= 0.265)",
         "# c target 0.25: the MDL SAE's FVU_q (0.386) is outside the topk frontier's range; "
         "no interpolation",
     ]
+
+
+def test_frontier_report_reads_both_frontiers_at_the_levels(capsys):
+    """Frontier against frontier: at FVU_q 0.25 the MDL points (0.22, 40 bits) and (0.28,
+    20 bits) give exp(mean(log 40, log 20)) = 28.28 bits, the TopK points (0.2, 80) and
+    (0.3, 20) give 80 · (1/4)^(1/2) = 40 bits: ratio 0.7071. At 0.15 the MDL points do not
+    bracket the level, so that seed is left out and said so."""
+    topk = [{"fvu_quantized": 0.3, "bits_per_input": 20.0},
+            {"fvu_quantized": 0.2, "bits_per_input": 80.0},
+            {"fvu_quantized": 0.1, "bits_per_input": 160.0}]
+    mdl = {0.2: {"fvu_quantized": 0.22, "bits_per_input": 40.0},
+           0.25: {"fvu_quantized": 0.28, "bits_per_input": 20.0}}
+    bf.frontier_report("c", [{"topk": topk, "mdl": mdl, "l1": []}])
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "# c frontier at FVU_q 0.15: 1/1 seed(s) left out (their MDL targets or the topk "
+        "runs do not bracket FVU_q 0.15 on the test rows)",
+        "c frontier at FVU_q 0.25: ours 28.28 bits, baseline 40 bits, ratio 0.707  "
+        "(± 0.000 sd over 1 seed(s))",
+    ]
+
+
+def test_targets_are_checked():
+    assert bf.parse_args([]).targets == (0.15, 0.25)
+    assert bf.parse_args(["--targets", "0.13,0.25"]).targets == (0.13, 0.25)
+    for bad in ("0.2,x", "0,0.2", "1.5"):
+        with pytest.raises(SystemExit):
+            bf.parse_args(["--targets", bad])
