@@ -24,9 +24,9 @@ from builders import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import tl_mdl.sae.model as sae_model
+import tl_mdl.sae.files as sae_files
 from tl_mdl.sae import SAE, HierarchicalSAE, HierarchicalSAEConfig, SAEConfig
-from tl_mdl.sae.model import CFG_FILENAME, WEIGHTS_FILENAME
+from tl_mdl.sae.files import CFG_FILENAME, CFG_HASH_KEY, WEIGHTS_FILENAME
 
 # ---------------------------------------------------------------- save / load
 
@@ -175,7 +175,7 @@ def test_weights_carry_the_hash_of_their_config(tmp_path):
     text = (tmp_path / "cfg.json").read_text()
     canonical = json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
     with safe_open(str(tmp_path / "sae_weights.safetensors"), framework="pt") as fh:
-        stored = fh.metadata()[sae_model.CFG_HASH_KEY]
+        stored = fh.metadata()[CFG_HASH_KEY]
     assert stored == hashlib.sha256(canonical.encode()).hexdigest()
     # whitespace and key order do not count; the content does
     (tmp_path / "cfg.json").write_text(json.dumps(json.loads(text)))
@@ -192,7 +192,7 @@ def test_crash_between_the_two_writes_is_detected(tmp_path, hierarchical):
         old = SAE(SAEConfig(d_in=4, d_sae=8, activation="topk", k=2), seed=1)
         new, cls = SAE(SAEConfig(d_in=4, d_sae=8, activation="topk", k=5), seed=2), SAE
     old.save(tmp_path)
-    orig, calls = sae_model.atomic_write, {"n": 0}
+    orig, calls = sae_files.atomic_write, {"n": 0}
 
     def crash_second(target, write):
         calls["n"] += 1
@@ -200,7 +200,7 @@ def test_crash_between_the_two_writes_is_detected(tmp_path, hierarchical):
             raise KeyboardInterrupt("crash")
         return orig(target, write)
 
-    with mock.patch.object(sae_model, "atomic_write", crash_second):
+    with mock.patch.object(sae_files, "atomic_write", crash_second):
         with pytest.raises(KeyboardInterrupt):
             new.save(tmp_path)
     with pytest.raises(ValueError, match="different saves.*re-save the SAE"):

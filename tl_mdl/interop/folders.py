@@ -12,7 +12,7 @@ from typing import Any
 from tl_mdl._io import error_message
 from tl_mdl.sae import SAE
 from tl_mdl.sae.config import ACTIVATION_OF_ARCHITECTURE
-from tl_mdl.sae.model import CFG_FILENAME
+from tl_mdl.sae.files import CFG_FILENAME
 
 
 def is_sae_lens_only(cfg: dict[str, Any]) -> bool:

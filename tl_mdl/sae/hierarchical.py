@@ -37,7 +37,8 @@ from torch import Tensor
 
 from tl_mdl.codec.hierarchy import check_gating, check_parent_index
 from tl_mdl.sae.config import dtype_from_str, normalise_dtype_device
-from tl_mdl.sae.model import SAEBase, _JumpReLUFn, read_sae_folder
+from tl_mdl.sae.files import read_sae_folder
+from tl_mdl.sae.model import SAEBase, _JumpReLUFn
 
 ARCHITECTURE = "tl_mdl_hierarchical"
 
