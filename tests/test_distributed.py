@@ -33,7 +33,11 @@ CASES = {  # name -> (SAEConfig kwargs, objective, sparsity)
     "mdl_relu": (dict(d_in=12, d_sae=20), "mdl", 1e-2),
     "l1_jumprelu": (dict(d_in=12, d_sae=20, activation="jumprelu"), "l1", 0.1),
     "topk": (dict(d_in=12, d_sae=20, activation="topk", k=3), "topk", None),
+    "topk_auxk": (dict(d_in=12, d_sae=48, activation="topk", k=2), "topk", None),
 }
+#: more train_sae arguments of a case: AuxK with latents dead after 2 steps without firing
+#: (each rank's share of the AuxK term, firing summed over ranks)
+EXTRA = {"topk_auxk": dict(aux_k=4, dead_steps=2)}
 
 
 def _free_port() -> int:
@@ -53,7 +57,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         for name, (kw, objective, sp) in CASES.items():
             ck = Path(out) / f"ck_{name}"
             sae = train_sae(data, SAEConfig(**kw), objective, sparsity=sp, checkpoint_dir=ck,
-                            checkpoint_every=10, **TRAIN)
+                            checkpoint_every=10, **TRAIN, **EXTRA.get(name, {}))
             save_file(sae.state_dict(), str(Path(out) / f"{name}_rank{rank}.safetensors"))
         # iterable input (one list of global batches, the same on every rank)
         batches = [data[i : i + 64] for i in range(0, 512, 64)]
@@ -79,7 +83,11 @@ def ddp_run(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", list(CASES))
 def test_ddp_training_matches_single_process(ddp_run, name):
     kw, objective, sp = CASES[name]
-    single = train_sae(sparse_data(), SAEConfig(**kw), objective, sparsity=sp, **TRAIN)
+    single = train_sae(sparse_data(), SAEConfig(**kw), objective, sparsity=sp,
+                       return_history=True, log_every=1, **TRAIN, **EXTRA.get(name, {}))
+    if name in EXTRA:  # the AuxK term was at work
+        assert sum(h["dead"] > 0 for h in single.history) >= STEPS // 3
+    single = single.sae
     r0 = load_file(str(ddp_run / f"{name}_rank0.safetensors"))
     r1 = load_file(str(ddp_run / f"{name}_rank1.safetensors"))
     for k, v in single.state_dict().items():

@@ -96,9 +96,10 @@ def save_checkpoint(
     *,
     loop_state: dict[str, Any] | None = None,
     objective_state: dict[str, Tensor] | None = None,
+    aux_state: dict[str, Tensor] | None = None,
 ) -> None:
     """Atomically write the training state (weights, Adam moments, step, config, and the
-    loop's and objective's running state) to ``path``."""
+    loop's, objective's and AuxK's running state) to ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
@@ -108,6 +109,8 @@ def save_checkpoint(
             tensors[f"opt.{idx}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
     for k, v in (objective_state or {}).items():
         tensors[f"objective.{k}"] = v.detach().cpu().contiguous()
+    for k, v in (aux_state or {}).items():
+        tensors[f"auxk.{k}"] = v.detach().cpu().contiguous()
     meta = {
         "step": step,
         "sae_cfg": sae.cfg.to_dict(),

@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass, field
 
 from tl_mdl.mdl import DEFAULT_TOLERANCE
-from tl_mdl.sae import SAE
+from tl_mdl.sae import SAE, SAEConfig
+from tl_mdl.training.auxk import DEFAULT_AUX_COEFFICIENT, DEFAULT_DEAD_STEPS
 
 #: the default cap on steps when training runs until converged
 DEFAULT_MAX_STEPS = 20_000
@@ -44,13 +45,18 @@ class TrainConfig:
     #: average over the batch); None: the objective's default
     warm_start: str | None = None
     track_heldout: bool = False  # hold out rows and evaluate them even with a fixed budget
+    #: topk: AuxK dead-latent revival (Gao et al. 2024; tl_mdl.training.auxk): None (off),
+    #: "auto" (d_in // 2) or the number of dead latents reconstructing each row's residual
+    aux_k: int | str | None = None
+    aux_coefficient: float = DEFAULT_AUX_COEFFICIENT  # its term's weight (unit-free, FVU)
+    dead_steps: int = DEFAULT_DEAD_STEPS  # steps without firing after which a latent is dead
 
 
 #: TrainConfig fields added after checkpoints and sweep folders already existed: a stored
 #: config without them means their defaults
 NEW_FIELDS = ("target_fvu", "until_converged", "max_steps", "eval_every", "patience",
               "min_improvement", "warm_start_frac", "warm_start_k", "track_heldout",
-              "straight_through", "warm_start")
+              "straight_through", "warm_start", "aux_k", "aux_coefficient", "dead_steps")
 
 #: TrainConfig fields whose None means "the objective's own default" (an attribute of the
 #: objective of that name). A default may change between tl_mdl versions, so a run records
@@ -132,8 +138,48 @@ def check_arguments(tc: TrainConfig) -> None:
                              f"objective={tc.objective!r}; drop it")
     if not 0 <= tc.warm_start_frac < 1:
         raise ValueError(f"warm_start_frac must be in [0, 1), got {tc.warm_start_frac!r}")
+    _check_aux_k(tc)
+
+
+def _check_aux_k(tc: TrainConfig) -> None:
+    a, c, d = tc.aux_k, tc.aux_coefficient, tc.dead_steps
+    if a is None:
+        for name, value, default in (("aux_coefficient", c, DEFAULT_AUX_COEFFICIENT),
+                                     ("dead_steps", d, DEFAULT_DEAD_STEPS)):
+            if value != default:
+                raise ValueError(f"{name}={value!r} is a setting of AuxK, which is off "
+                                 "(aux_k=None); pass aux_k='auto' (or an int) to turn it on, "
+                                 f"or drop {name}")
+        return
+    if a != "auto" and (isinstance(a, bool) or not isinstance(a, int) or a <= 0):
+        raise ValueError(f"aux_k={a!r} must be 'auto' (d_in // 2 dead latents a row, Gao et "
+                         "al.'s choice), a positive int, or None (off)")
+    if tc.objective != "topk":
+        raise ValueError(
+            f"aux_k={a!r} revives dead latents of TopK training (objective='topk'), not of "
+            f"objective={tc.objective!r}; use objective='topk' with SAEConfig("
+            "activation='topk', k=...), or drop aux_k")
+    if (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c)
+            or c < 0):
+        raise ValueError(f"aux_coefficient must be a finite number >= 0, got {c!r} "
+                         "(Gao et al. use 1/32)")
+    if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
+        raise ValueError(f"dead_steps must be a positive int (optimiser steps without firing "
+                         f"after which a latent counts as dead), got {d!r}")
+
+
+def check_aux_k_sae(tc: TrainConfig, cfg: object) -> None:
+    """AuxK needs a plain SAE with ``activation='topk'`` (checked before training)."""
+    if tc.aux_k is None:
+        return
+    activation = getattr(cfg, "activation", None)
+    if not isinstance(cfg, SAEConfig) or activation != "topk":
+        raise ValueError(
+            f"aux_k={tc.aux_k!r} needs an SAE with activation='topk' (got "
+            f"{type(cfg).__name__} with activation={activation!r}); pass "
+            "SAEConfig(activation='topk', k=...), or drop aux_k")
 
 
 __all__ = ["TrainConfig", "TrainResult", "NEW_FIELDS", "OBJECTIVE_SETTINGS",
            "LEGACY_OBJECTIVE_SETTINGS", "STRAIGHT_THROUGHS", "WARM_STARTS", "DEFAULT_MAX_STEPS",
-           "check_arguments"]
+           "check_arguments", "check_aux_k_sae"]

@@ -152,3 +152,10 @@ def gather_to_main(obj: object) -> list[object] | None:
     out: list[object] | None = [None] * world_size() if is_main_process() else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def sum_over_ranks(t: Tensor) -> Tensor:
+    """A copy of ``t`` summed over ranks (one all-reduce; no gradient)."""
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out

@@ -28,6 +28,7 @@ from tl_mdl.training.config import (
     TrainConfig,
     TrainResult,
     check_arguments,
+    check_aux_k_sae,
 )
 from tl_mdl.training.loop import Run
 from tl_mdl.training.objectives import get_objective
@@ -72,6 +73,14 @@ def train_sae(
     need) or ``"topk"`` (each row's ``k`` largest); ``warm_start_k`` and
     ``warm_start_frac`` set its ``k`` and length. (``hierarchical_mdl`` keeps
     ``"threshold"`` and ``"topk"``, the settings its figures were measured with.)
+
+    Dead latents in TopK training (``"topk"`` only; off by default): ``aux_k="auto"`` (or
+    an int) adds Gao et al. 2024's AuxK term: a latent that has not fired for
+    ``dead_steps`` (1000) optimiser steps is dead, and each row's residual ``x − x̂`` is
+    reconstructed by its ``aux_k`` largest dead pre-activations (``"auto"``: ``d_in //
+    2``), the squared error weighted by ``aux_coefficient`` (1/32) over the batch's total
+    variance joining the loss (:mod:`tl_mdl.training.auxk`, docs/math.md §5). The history
+    then also records ``"aux"`` (the term) and ``"dead"`` (dead latents at that step).
 
     Fidelity target: ``target_fvu=t`` (objectives with a λ) minimises the penalty subject
     to a quantised FVU ``<= t`` on held-out rows: λ is adapted during training by dual
@@ -128,6 +137,7 @@ def train_sae(
         max_steps=DEFAULT_MAX_STEPS if max_steps is None else max_steps, **train_kwargs,
     )
     check_arguments(tc)
+    check_aux_k_sae(tc, cfg)
     check_activations(activations, cfg.d_in)
     if objective == "mdl" and isinstance(cfg, SAEConfig) and cfg.activation == "relu":
         cfg = replace(cfg, activation="jumprelu")  # the ReLU SAE with learned thresholds

@@ -1,0 +1,91 @@
+"""AuxK: reviving dead latents of TopK training (Gao et al. 2024, "Scaling and evaluating
+sparse autoencoders", §2.4 and Appendix B.1; SAELens's TopK training SAE has it too).
+
+A latent is *dead* once it has not fired (been among a row's ``k`` kept latents with a
+positive value) in any of the last ``dead_steps`` optimiser steps. On a step with dead
+latents, each row's main residual ``e = x − x̂`` (detached) is reconstructed by the row's
+``aux_k`` largest pre-activations among the dead latents, ReLU'd and decoded without the
+bias: ``ê_n = Σ_{j ∈ top-aux_k dead} relu(pre_{n,j}) W_dec[j]``, and
+
+    loss += aux_coefficient · Σ_n ‖e_n − ê_n‖² / Σ_n ‖x_n − x̄_batch‖²
+
+(the batch FVU's denominator, so the coefficient is unit-free like every term of our
+objectives). Its gradient reaches only the dead latents' encoder columns, encoder biases
+and decoder rows (and ``b_dec`` through the encoder input): a dead latent learns to point
+at what the live ones miss, and fires again. ``aux_k="auto"`` is ``max(1, d_in // 2)``
+(Gao et al.'s heuristic, also SAELens's); with fewer dead latents than ``aux_k``, all of
+them are used (no rescaling of the term, as in Gao et al.'s code).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tl_mdl._sparse import topk, topk_decode
+
+#: Gao et al.'s AuxK coefficient α (their code's ``auxk_coef``)
+DEFAULT_AUX_COEFFICIENT = 1 / 32
+#: steps without firing after which a latent counts as dead (SAELens's
+#: ``dead_feature_window``)
+DEFAULT_DEAD_STEPS = 1000
+
+
+def resolve_aux_k(aux_k: int | str, d_in: int) -> int:
+    """The number of dead latents each row uses: ``aux_k``, or ``max(1, d_in // 2)`` for
+    ``"auto"``."""
+    return max(1, d_in // 2) if aux_k == "auto" else int(aux_k)
+
+
+class AuxK:
+    """One run's AuxK state: the steps since each latent last fired (training state, saved
+    in checkpoints) and the auxiliary term."""
+
+    def __init__(self, d_sae: int, d_in: int, aux_k: int | str, coefficient: float,
+                 dead_steps: int, device: torch.device | str = "cpu"):
+        self.k = resolve_aux_k(aux_k, d_in)
+        self.coefficient = float(coefficient)
+        self.dead_steps = int(dead_steps)
+        self.since_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
+
+    def dead(self) -> Tensor | None:
+        """The dead latents' columns (ascending), None when there are none."""
+        idx = torch.nonzero(self.since_fired >= self.dead_steps).squeeze(1)
+        return idx if idx.numel() else None
+
+    def record(self, fired: Tensor) -> None:
+        """After a step: ``fired [d_sae]`` (bool, or counts summed over ranks) says which
+        latents fired on the step's batch."""
+        self.since_fired = torch.where(fired.to(self.since_fired.device) > 0,
+                                       torch.zeros_like(self.since_fired),
+                                       self.since_fired + 1)
+
+    def code(self, pre: Tensor, dead: Tensor) -> tuple[Tensor, Tensor]:
+        """``(relu'd values, columns)``, ``[rows, min(aux_k, #dead)]``: each row's largest
+        pre-activations among the dead latents (differentiable through ``pre``)."""
+        values, j = topk(pre.index_select(1, dead), min(self.k, dead.numel()))
+        return torch.relu(values), dead[j]
+
+    def loss(self, W_dec: Tensor, residual: Tensor, values: Tensor, cols: Tensor,
+             total_variance: Tensor) -> Tensor:
+        """``coefficient · Σ‖e − ê‖² / total_variance`` (``residual`` is ``e``, detached)."""
+        e_hat = topk_decode(cols, values, W_dec)  # no bias
+        return self.coefficient * (residual - e_hat).pow(2).sum() / total_variance
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"since_fired": self.since_fired}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if "since_fired" not in state:
+            raise ValueError("the checkpoint has no AuxK state (steps since each latent "
+                             "fired); it was not written by a run with aux_k")
+        self.since_fired = state["since_fired"].to(self.since_fired.device, torch.int64)
+
+
+def total_variance(x: Tensor) -> Tensor:
+    """The batch FVU's denominator ``Σ‖x − x̄‖²`` (as :func:`~.objectives.batch_fvu`)."""
+    return (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+__all__ = ["AuxK", "DEFAULT_AUX_COEFFICIENT", "DEFAULT_DEAD_STEPS", "resolve_aux_k",
+           "total_variance"]
