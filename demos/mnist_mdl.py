@@ -75,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "or 0: until converged by train_sae's rule)")
     p.add_argument("--epochs", type=int, default=None, help="fixed epochs per SAE (instead)")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--aux-k", default=None,
+                   help="AuxK dead-latent revival for the TopK SAEs: 'auto' (d_in // 2) or "
+                        "an int (train_sae's aux_k; default off)")
+    p.add_argument("--dead-steps", type=int, default=None,
+                   help="with --aux-k: steps without firing after which a latent is dead "
+                        "(train_sae's dead_steps; default 1000)")
     p.add_argument("--rel", type=float, default=None,
                    help="k search precision: stop when k_hi - k_lo <= max(1, rel * k_hi) "
                         f"(default {QUICK['rel']}; --full {FULL['rel']})")
@@ -101,13 +107,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.rel = a.rel or base["rel"]
     if a.steps is None and a.epochs is None:
         a.steps = base["steps"]
+    if a.aux_k not in (None, "auto"):
+        a.aux_k = int(a.aux_k)
+    if a.dead_steps is not None and a.aux_k is None:
+        p.error("--dead-steps is a setting of --aux-k; pass --aux-k too")
     return a
 
 
 def train_kwargs(args) -> dict:
-    if args.steps:
-        return {"steps": args.steps}
-    return {"epochs": args.epochs} if args.epochs else {}
+    kw: dict = {"steps": args.steps} if args.steps else (
+        {"epochs": args.epochs} if args.epochs else {})
+    if args.aux_k is not None:
+        kw["aux_k"] = args.aux_k
+        if args.dead_steps is not None:
+            kw["dead_steps"] = args.dead_steps
+    return kw
 
 
 def make_probe(args, train, test, width: int, seed: int, log: list[dict]):

@@ -23,6 +23,17 @@ def _load(name: str):
     return mod
 
 
+def test_mnist_mdl_demo_passes_aux_k_to_train_sae():
+    demo = _load("mnist_mdl")
+    assert "aux_k" not in demo.train_kwargs(demo.parse_args([]))
+    assert demo.train_kwargs(demo.parse_args(["--aux-k", "auto", "--steps", "0"])) == {
+        "aux_k": "auto"}
+    assert demo.train_kwargs(demo.parse_args(["--aux-k", "64", "--dead-steps", "50"])) == {
+        "steps": 600, "aux_k": 64, "dead_steps": 50}
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--dead-steps", "50"])
+
+
 @pytest.mark.slow
 def test_mnist_mdl_demo_small(tmp_path):
     demo = _load("mnist_mdl")
