@@ -4,6 +4,8 @@ deliberately half-dead SAE, ``aux_k=None`` untouched, resume, bad input."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from builders import bitwise_equal
@@ -199,3 +201,25 @@ def test_bad_aux_k_settings():
             train_sae(x, CFG, "topk", aux_k="auto", dead_steps=bad, **one)
     with pytest.raises(ValueError, match="aux_coefficient=0.1 is a setting of AuxK"):
         train_sae(x, CFG, "topk", aux_coefficient=0.1, **one)
+
+
+def test_checkpoint_from_before_auxk_resumes_without_and_refuses_aux_k(tmp_path):
+    """A checkpoint written before AuxK existed (no aux_k / aux_coefficient / dead_steps in
+    its training config, no ``auxk.`` tensors) is a run without AuxK: it resumes as one, and
+    resuming it with aux_k is refused with the settings named, before anything is loaded."""
+    from safetensors.torch import save_file
+
+    from tl_mdl.training.checkpointing import META_KEY, STATE_TENSORS
+
+    x = _sparse_data()[:1024]
+    kw = dict(RUN, steps=20, lr_decay_frac=0.0)
+    ck = tmp_path / "ck"
+    train_sae(x, CFG, "topk", checkpoint_dir=ck, checkpoint_every=10, **{**kw, "steps": 10})
+    meta, tensors = load_checkpoint(ck)
+    for name in ("aux_k", "aux_coefficient", "dead_steps"):
+        del meta["train_cfg"][name]
+    save_file(tensors, str(ck / STATE_TENSORS), metadata={META_KEY: json.dumps(meta)})
+    with pytest.raises(ValueError, match="aux_k=None there, 'auto' here"):
+        train_sae(x, CFG, "topk", checkpoint_dir=ck, aux_k="auto", **kw)
+    resumed = train_sae(x, CFG, "topk", checkpoint_dir=ck, **kw)
+    assert bitwise_equal(resumed, train_sae(x, CFG, "topk", **kw))

@@ -78,7 +78,8 @@ class AuxK:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if "since_fired" not in state:
             raise ValueError("the checkpoint has no AuxK state (steps since each latent "
-                             "fired); it was not written by a run with aux_k")
+                             "fired): it was not written by a run with aux_k; resume it "
+                             "with aux_k=None, or pass resume=False to start over")
         self.since_fired = state["since_fired"].to(self.since_fired.device, torch.int64)
 
 

@@ -30,6 +30,10 @@ META_KEY = "tl_mdl_train_state"
 #: objective's warm start, a fraction of the steps).
 RESUME_MAY_DIFFER = ("steps", "epochs", "max_steps", "checkpoint_every", "log_every")
 
+#: TrainConfig fields a checkpoint written before they existed holds nothing of, and whose
+#: default that run trained with (AuxK's: it was off), so a resume compares against it
+ABSENT_MEANS_DEFAULT = ("aux_k", "aux_coefficient", "dead_steps")
+
 
 def kept_objective_settings(ckpt: Path, meta: dict[str, Any], now: dict[str, str],
                             tc: Any) -> dict[str, str]:
@@ -64,6 +68,8 @@ def check_resumable(ckpt: Path, meta: dict[str, Any], cfg: Any, tc: Any) -> None
     config ``train_sae`` builds) and the same SAE config (its ``metadata`` and ``device``
     aside: a run may move, e.g. from a GPU to the CPU)."""
     saved_tc, now = meta.get("train_cfg") or {}, asdict(tc)
+    defaults = asdict(type(tc)())
+    saved_tc = {**{k: defaults[k] for k in ABSENT_MEANS_DEFAULT if k in defaults}, **saved_tc}
     diff = [
         f"{k}={saved_tc[k]!r} there, {now[k]!r} here"
         for k in now
@@ -170,6 +176,7 @@ __all__ = [
     "STATE_TENSORS",
     "META_KEY",
     "RESUME_MAY_DIFFER",
+    "ABSENT_MEANS_DEFAULT",
     "check_resumable",
     "kept_objective_settings",
     "save_checkpoint",
