@@ -273,6 +273,62 @@ def test_train_user_errors(files, tmp_path):
     )
 
 
+def test_train_aux_k_options_reach_the_saved_sae(files, tmp_path):
+    """--aux-k / --aux-coefficient / --dead-steps are train_sae's AuxK arguments: the saved
+    SAE's training metadata records them."""
+    out = tmp_path / "auxk"
+    r = run("train", files["acts"], "--out", out, "--width", "24", "--objective", "topk",
+            "--k", "3", "--steps", "4", "--batch-size", "64", "--no-progress", "--aux-k", "4",
+            "--aux-coefficient", "0.0625", "--dead-steps", "2")
+    assert r.exit_code == 0, r.output
+    training = tl_mdl.SAE.load(out).cfg.metadata["training"]
+    assert (training["aux_k"], training["aux_coefficient"], training["dead_steps"]) == (
+        4, 0.0625, 2)
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_aux_k_options_pass_through(files, tmp_path, monkeypatch, command):
+    """Only the AuxK options given reach train_sae (the rest keep its defaults); 'auto'
+    stays a string, a count becomes an int."""
+    seen = []
+
+    def fake_train_sae(acts, cfg, objective="topk", **kw):
+        seen.append({k: v for k, v in kw.items() if k in
+                     ("aux_k", "aux_coefficient", "dead_steps")})
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(tl_mdl, "train_sae", fake_train_sae)
+    monkeypatch.setattr(importlib.import_module("tl_mdl.training.sweep"), "train_sae",
+                        fake_train_sae)
+    args = {"train": ["--width", "8", "--k", "2"], "sweep": ["--widths", "8",
+                                                              "--sparsities", "2"]}
+    base = [command, files["acts"], "--out", tmp_path / "o", "--no-progress", "--objective",
+            "topk", *args[command]]
+    run(*base)
+    run(*base, "--aux-k", "auto")
+    run(*base, "--aux-k", "5", "--aux-coefficient", "0.5", "--dead-steps", "7")
+    assert seen == [{}, {"aux_k": "auto"},
+                    {"aux_k": 5, "aux_coefficient": 0.5, "dead_steps": 7}]
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_aux_k_user_errors(files, tmp_path, command):
+    args = {"train": ["--width", "8"], "sweep": ["--widths", "8"]}[command]
+    topk = [*args, "--objective", "topk", "--k" if command == "train" else "--sparsities", "2"]
+    base = [command, files["acts"], "--out", tmp_path / "o", "--no-progress"]
+    assert_user_error(run(*base, *args, "--aux-k", "auto"), "--aux-k", "--objective topk",
+                      "mdl")
+    for bad in ("0", "-2", "half", "2.5"):
+        assert_user_error(run(*base, *topk, "--aux-k", bad), "--aux-k", "'auto'", bad)
+    assert_user_error(run(*base, *topk, "--dead-steps", "5"), "--dead-steps", "--aux-k auto")
+    assert_user_error(run(*base, *topk, "--aux-coefficient", "0.1"), "--aux-coefficient",
+                      "--aux-k auto")
+    assert_user_error(run(*base, *topk, "--aux-k", "auto", "--aux-coefficient", "nan"),
+                      "--aux-coefficient", "nan")
+    assert_user_error(run(*base, *topk, "--aux-k", "auto", "--dead-steps", "0"),
+                      "--dead-steps", "0")
+
+
 # --------------------------------------------------------------------------------------- sweep
 
 

@@ -45,6 +45,52 @@ def _sae_cfg(d_in: int, width: int, objective: Objective, k: Optional[int], hook
     return SAEConfig(d_in=d_in, d_sae=width, hook_name=hook)
 
 
+AUX_K_HELP = (
+    "AuxK dead-latent revival for --objective topk (Gao et al. 2024): 'auto' (d_in // 2) or "
+    "the number of dead latents (an integer count) reconstructing each input's residual. "
+    "Default: off."
+)
+AUX_COEFFICIENT_HELP = "Weight of the AuxK term (unit-free, an FVU); default 1/32. Needs --aux-k."
+DEAD_STEPS_HELP = (
+    "Optimiser steps without firing after which a latent counts as dead (AuxK); default "
+    "1000. Needs --aux-k."
+)
+
+
+def _auxk_kwargs(aux_k: Optional[str], aux_coefficient: Optional[float],
+                 dead_steps: Optional[int], objective: Objective) -> dict[str, Any]:
+    """train_sae's AuxK arguments from the --aux-k / --aux-coefficient / --dead-steps
+    options (only those given: the rest keep train_sae's defaults)."""
+    if aux_k is None:
+        for value, name in ((aux_coefficient, "--aux-coefficient"), (dead_steps, "--dead-steps")):
+            if value is not None:
+                raise ValueError(f"{name} is a setting of AuxK, which is off; add --aux-k auto "
+                                 f"(or an integer) to turn it on, or drop {name}")
+        return {}
+    if objective is not Objective.topk:
+        raise ValueError(f"--aux-k revives dead latents of --objective topk, not of "
+                         f"--objective {objective.value}; drop --aux-k")
+    value: int | str = aux_k.strip().lower()
+    if value != "auto":
+        try:
+            value = int(value)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise ValueError(f"--aux-k must be 'auto' (d_in // 2) or a positive integer, got "
+                             f"{aux_k!r}")
+    kwargs: dict[str, Any] = {"aux_k": value}
+    if aux_coefficient is not None:
+        if not (math.isfinite(aux_coefficient) and aux_coefficient >= 0):
+            raise ValueError(f"--aux-coefficient must be finite and >= 0 (Gao et al. use "
+                             f"1/32 = 0.03125), got {aux_coefficient}")
+        kwargs["aux_coefficient"] = aux_coefficient
+    if dead_steps is not None:
+        _positive(dead_steps, "--dead-steps")
+        kwargs["dead_steps"] = dead_steps
+    return kwargs
+
+
 @app.command()
 @user_errors
 def train(
@@ -67,6 +113,9 @@ def train(
     k: Optional[int] = typer.Option(
         None, help="Active latents per input for --objective topk (an integer count)."
     ),
+    aux_k: Optional[str] = typer.Option(None, "--aux-k", help=AUX_K_HELP),
+    aux_coefficient: Optional[float] = typer.Option(None, help=AUX_COEFFICIENT_HELP),
+    dead_steps: Optional[int] = typer.Option(None, help=DEAD_STEPS_HELP),
     sparsity: Optional[float] = typer.Option(
         None,
         "--sparsity",
@@ -119,6 +168,7 @@ def train(
     _check_device(device)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the SAE")
+    auxk = _auxk_kwargs(aux_k, aux_coefficient, dead_steps, objective)
     x = load_acts(acts)
     cfg = _sae_cfg(int(x.shape[-1]), width, objective, k, hook_name)
     cfg.device = device
@@ -135,6 +185,7 @@ def train(
         seed=seed,
         checkpoint_dir=checkpoint_dir,
         progress=progress,
+        **auxk,
     )
     sae.save(out)
     report = description_length(sae, x, tolerance=tolerance)
@@ -198,6 +249,9 @@ def sweep(
     objective: Objective = typer.Option(
         Objective.mdl, help="Training loss: mdl, l1 or topk (see `tl-mdl train --help`)."
     ),
+    aux_k: Optional[str] = typer.Option(None, "--aux-k", help=AUX_K_HELP),
+    aux_coefficient: Optional[float] = typer.Option(None, help=AUX_COEFFICIENT_HELP),
+    dead_steps: Optional[int] = typer.Option(None, help=DEAD_STEPS_HELP),
     eval: Optional[list[Path]] = typer.Option(
         None,
         "--eval",
@@ -259,6 +313,7 @@ def sweep(
             raise ValueError(
                 f"--sparsities (λ for {objective.value}) must be finite and >= 0, got {value}"
             )
+    auxk = _auxk_kwargs(aux_k, aux_coefficient, dead_steps, objective)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the sweep")
     x = load_acts(acts)
@@ -282,6 +337,7 @@ def sweep(
         steps=steps,
         batch_size=batch_size,
         lr=lr,
+        **auxk,
     )
     if not len(table):
         raise ValueError("the grid is empty (every k exceeds its width); check --sparsities")
