@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from tl_mdl._sparse import topk, topk_decode
+from tl_mdl.training import distributed as ddp
 
 #: Gao et al.'s AuxK coefficient α (their code's ``auxk_coef``)
 DEFAULT_AUX_COEFFICIENT = 1 / 32
@@ -48,6 +49,14 @@ class AuxK:
         self.dead_steps = int(dead_steps)
         self.since_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
 
+    @classmethod
+    def for_run(cls, tc, cfg, device: torch.device | str) -> AuxK | None:
+        """The AuxK state of a run with TrainConfig ``tc`` and SAE config ``cfg``: None
+        when ``tc.aux_k`` is None (off)."""
+        if tc.aux_k is None:
+            return None
+        return cls(cfg.d_sae, cfg.d_in, tc.aux_k, tc.aux_coefficient, tc.dead_steps, device)
+
     def dead(self) -> Tensor | None:
         """The dead latents' columns (ascending), None when there are none."""
         idx = torch.nonzero(self.since_fired >= self.dead_steps).squeeze(1)
@@ -72,10 +81,54 @@ class AuxK:
         e_hat = topk_decode(cols, values, W_dec)  # no bias
         return self.coefficient * (residual - e_hat).pow(2).sum() / total_variance
 
+    def dense_loss_and_grads(self, sae, fn, x: Tensor, lam: float, tolerance: float,
+                             data_parallel: bool) -> tuple[Tensor, dict[str, float], Tensor]:
+        """The training loop's ``_loss_and_grads`` of the TopK objective ``fn`` with this
+        term, with dense latents (off the CPU, or data-parallel: each rank's AuxK term is
+        its rows' share, the sum over ranks the whole batch's; which latents fired is summed
+        over ranks too); records which latents fired."""
+        dead = self.dead()
+        tv = total_variance(x)
+        rows = (ddp.shard_rows(x.shape[0], ddp.world_size(), ddp.rank()) if data_parallel
+                else slice(None))
+        pre = sae.encode_pre(x[rows])
+        lat_mine = sae.activation(pre)
+        rec_mine = sae.decode(lat_mine)
+        aux_loss = torch.zeros((), dtype=tv.dtype, device=tv.device)
+        if dead is not None:
+            values, cols = self.code(pre, dead)
+            aux_loss = self.loss(sae.W_dec, (x[rows] - rec_mine).detach(), values, cols, tv)
+        fired = (lat_mine.detach() > 0).sum(0)
+        if not data_parallel:
+            loss, parts = fn(sae, x, lat_mine, rec_mine, lam, tolerance)
+            loss = loss + aux_loss
+            loss.backward()
+            latents = lat_mine.detach()
+        else:
+            latents = ddp.all_gather_rows(lat_mine.detach())
+            x_hat = ddp.all_gather_rows(rec_mine.detach()).requires_grad_()
+            loss, parts = fn(sae, x, latents, x_hat, lam, tolerance)
+            fired = ddp.sum_over_ranks(fired)
+            aux_loss = aux_loss + ddp.sum_over_ranks(aux_loss.detach()) - aux_loss.detach()
+            loss = loss + aux_loss.detach()
+            if torch.isfinite(loss):  # the same on every rank: all skip together
+                loss.backward()  # the topk objective: through x_hat only
+                pairs = [(rec_mine, x_hat.grad[rows])]
+                if aux_loss.requires_grad:  # a step with dead latents
+                    pairs.append((aux_loss, torch.ones_like(aux_loss)))
+                torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+                ddp.reduce_gradients(list(sae.parameters()))
+        self.record(fired)
+        parts = {**parts, "aux": float(aux_loss.detach()),
+                 "dead": 0.0 if dead is None else float(dead.numel())}
+        return loss, parts, latents
+
     def state_dict(self) -> dict[str, Tensor]:
         return {"since_fired": self.since_fired}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """From :meth:`state_dict`, or from a checkpoint's tensors (``auxk.since_fired``)."""
+        state = {k.removeprefix("auxk."): v for k, v in state.items()}
         if "since_fired" not in state:
             raise ValueError("the checkpoint has no AuxK state (steps since each latent "
                              "fired): it was not written by a run with aux_k; resume it "

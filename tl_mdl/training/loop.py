@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from tl_mdl.sae import SAE, HierarchicalSAE, HierarchicalSAEConfig
 from tl_mdl.training import distributed as ddp
 from tl_mdl.training import topk_step
-from tl_mdl.training.auxk import AuxK, total_variance
+from tl_mdl.training.auxk import AuxK
 from tl_mdl.training.batching import Batches, check_batch, init_b_dec, split_heldout
 from tl_mdl.training.checkpointing import (
     check_resumable,
@@ -62,11 +62,9 @@ def _loss_and_grads(
     ``latents`` may be the code's nonzero values only (``[batch, k]``, the sparse TopK
     step): the caller uses them for the L0. ``aux``: AuxK (:mod:`.auxk`) adds its term."""
     if not data_parallel and topk_step.applies(sae, fn):  # no dense latents (see there)
-        if aux is None:
-            return topk_step.loss_and_grads(sae, fn, x, lam, tc.tolerance)
         return topk_step.loss_and_grads(sae, fn, x, lam, tc.tolerance, aux=aux)
     if aux is not None:
-        return _loss_and_grads_auxk(sae, fn, x, tc, lam, data_parallel, aux)
+        return aux.dense_loss_and_grads(sae, fn, x, lam, tc.tolerance, data_parallel)
     encode = getattr(fn, "encode", None) or (lambda s, v: s.encode(v))
     if not data_parallel:
         latents = encode(sae, x)
@@ -89,50 +87,6 @@ def _loss_and_grads(
         torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         ddp.reduce_gradients(list(sae.parameters()))
     return loss, parts, latents.detach()
-
-
-def _loss_and_grads_auxk(
-    sae: SAE, fn: Objective, x: Tensor, tc: TrainConfig, lam: float, data_parallel: bool,
-    aux: AuxK,
-) -> tuple[Tensor, dict[str, float], Tensor]:
-    """:func:`_loss_and_grads` of the TopK objective with AuxK's term, with dense latents
-    (off the CPU, or data-parallel: each rank's AuxK term is its rows' share, the sum over
-    ranks the whole batch's; which latents fired is summed over ranks too)."""
-    dead = aux.dead()
-    tv = total_variance(x)
-    rows = (ddp.shard_rows(x.shape[0], ddp.world_size(), ddp.rank()) if data_parallel
-            else slice(None))
-    pre = sae.encode_pre(x[rows])
-    lat_mine = sae.activation(pre)
-    rec_mine = sae.decode(lat_mine)
-    aux_loss = torch.zeros((), dtype=tv.dtype, device=tv.device)
-    if dead is not None:
-        values, cols = aux.code(pre, dead)
-        aux_loss = aux.loss(sae.W_dec, (x[rows] - rec_mine).detach(), values, cols, tv)
-    fired = (lat_mine.detach() > 0).sum(0)
-    if not data_parallel:
-        loss, parts = fn(sae, x, lat_mine, rec_mine, lam, tc.tolerance)
-        loss = loss + aux_loss
-        loss.backward()
-        latents = lat_mine.detach()
-    else:
-        latents = ddp.all_gather_rows(lat_mine.detach())
-        x_hat = ddp.all_gather_rows(rec_mine.detach()).requires_grad_()
-        loss, parts = fn(sae, x, latents, x_hat, lam, tc.tolerance)
-        fired = ddp.sum_over_ranks(fired)
-        aux_loss = aux_loss + ddp.sum_over_ranks(aux_loss.detach()) - aux_loss.detach()
-        loss = loss + aux_loss.detach()
-        if torch.isfinite(loss):  # the same on every rank: all skip together
-            loss.backward()  # the topk objective: through x_hat only
-            pairs = [(rec_mine, x_hat.grad[rows])]
-            if aux_loss.requires_grad:  # a step with dead latents
-                pairs.append((aux_loss, torch.ones_like(aux_loss)))
-            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-            ddp.reduce_gradients(list(sae.parameters()))
-    aux.record(fired)
-    parts = {**parts, "aux": float(aux_loss.detach()),
-             "dead": 0.0 if dead is None else float(dead.numel())}
-    return loss, parts, latents
 
 
 def _adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
@@ -228,9 +182,7 @@ class Run:
         if self.warm and not tc.until_converged:
             self.warm_end = int(tc.warm_start_frac * self.total)
             self.warm = self.warm_end > 0
-        self.aux = (None if tc.aux_k is None else
-                    AuxK(cfg.d_sae, cfg.d_in, tc.aux_k, tc.aux_coefficient, tc.dead_steps,
-                         self.sae.W_enc.device))
+        self.aux = AuxK.for_run(tc, cfg, self.sae.W_enc.device)
         self.opt = _adam(list(self.sae.parameters()), tc.lr)
         self.history: list[dict[str, float]] = []
         self.plateau = PlateauRule(tc.patience, tc.min_improvement)
@@ -281,8 +233,7 @@ class Run:
         if objective_state and hasattr(self.fn, "load_state_dict"):
             self.fn.load_state_dict(objective_state)
         if self.aux is not None:
-            self.aux.load_state_dict({k[len("auxk."):]: v for k, v in tensors.items()
-                                      if k.startswith("auxk.")})
+            self.aux.load_state_dict(tensors)
         self.start, self.history = int(meta["step"]), list(meta["history"])
         loop = meta.get("loop") or {}
         if loop:
