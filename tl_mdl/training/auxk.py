@@ -7,10 +7,13 @@ latents, each row's main residual ``e = x − x̂`` (detached) is reconstructed 
 ``aux_k`` largest pre-activations among the dead latents, ReLU'd and decoded without the
 bias: ``ê_n = Σ_{j ∈ top-aux_k dead} relu(pre_{n,j}) W_dec[j]``, and
 
-    loss += aux_coefficient · Σ_n ‖e_n − ê_n‖² / Σ_n ‖x_n − x̄_batch‖²
+    loss += aux_coefficient · Σ_n ‖e_n − ê_n‖² / Σ_n ‖e_n − ē_batch‖²
 
-(the batch FVU's denominator, so the coefficient is unit-free like every term of our
-objectives). Its gradient reaches only the dead latents' encoder columns, encoder biases
+the residual's own normalised MSE, as Gao et al.'s code (``normalized_mse(auxk_recons,
+(x - recons).detach())``), so ``aux_coefficient`` means what their α = 1/32 means: the
+term is unit-free, and it does not fade as the main reconstruction improves (normalised by
+the inputs' variance instead, it would weigh about FVU times less).
+Its gradient reaches only the dead latents' encoder columns, encoder biases
 and decoder rows (and ``b_dec`` through the encoder input): a dead latent learns to point
 at what the live ones miss, and fires again. ``aux_k="auto"`` is ``max(1, d_in // 2)``
 (Gao et al.'s heuristic, also SAELens's); with fewer dead latents than ``aux_k``, all of
@@ -76,10 +79,12 @@ class AuxK:
         return torch.relu(values), dead[j]
 
     def loss(self, W_dec: Tensor, residual: Tensor, values: Tensor, cols: Tensor,
-             total_variance: Tensor) -> Tensor:
-        """``coefficient · Σ‖e − ê‖² / total_variance`` (``residual`` is ``e``, detached)."""
+             residual_variance: Tensor) -> Tensor:
+        """``coefficient · Σ‖e − ê‖² / residual_variance`` (``residual`` is ``e``, detached;
+        ``residual_variance`` is ``Σ‖e − ē‖²`` over the whole batch: under data-parallel
+        training ``residual`` holds this rank's rows only)."""
         e_hat = topk_decode(cols, values, W_dec)  # no bias
-        return self.coefficient * (residual - e_hat).pow(2).sum() / total_variance
+        return self.coefficient * (residual - e_hat).pow(2).sum() / residual_variance
 
     def dense_loss_and_grads(self, sae, fn, x: Tensor, lam: float, tolerance: float,
                              data_parallel: bool) -> tuple[Tensor, dict[str, float], Tensor]:
@@ -88,16 +93,18 @@ class AuxK:
         its rows' share, the sum over ranks the whole batch's; which latents fired is summed
         over ranks too); records which latents fired."""
         dead = self.dead()
-        tv = total_variance(x)
         rows = (ddp.shard_rows(x.shape[0], ddp.world_size(), ddp.rank()) if data_parallel
                 else slice(None))
         pre = sae.encode_pre(x[rows])
         lat_mine = sae.activation(pre)
         rec_mine = sae.decode(lat_mine)
-        aux_loss = torch.zeros((), dtype=tv.dtype, device=tv.device)
+        x_hat_all = (ddp.all_gather_rows(rec_mine.detach()) if data_parallel
+                     else rec_mine.detach())
+        aux_loss = torch.zeros((), dtype=x_hat_all.dtype, device=x_hat_all.device)
         if dead is not None:
             values, cols = self.code(pre, dead)
-            aux_loss = self.loss(sae.W_dec, (x[rows] - rec_mine).detach(), values, cols, tv)
+            aux_loss = self.loss(sae.W_dec, (x[rows] - rec_mine).detach(), values, cols,
+                                 total_variance(x - x_hat_all))
         fired = (lat_mine.detach() > 0).sum(0)
         if not data_parallel:
             loss, parts = fn(sae, x, lat_mine, rec_mine, lam, tolerance)
@@ -106,7 +113,7 @@ class AuxK:
             latents = lat_mine.detach()
         else:
             latents = ddp.all_gather_rows(lat_mine.detach())
-            x_hat = ddp.all_gather_rows(rec_mine.detach()).requires_grad_()
+            x_hat = x_hat_all.requires_grad_()
             loss, parts = fn(sae, x, latents, x_hat, lam, tolerance)
             fired = ddp.sum_over_ranks(fired)
             aux_loss = aux_loss + ddp.sum_over_ranks(aux_loss.detach()) - aux_loss.detach()
@@ -137,7 +144,8 @@ class AuxK:
 
 
 def total_variance(x: Tensor) -> Tensor:
-    """The batch FVU's denominator ``Σ‖x − x̄‖²`` (as :func:`~.objectives.batch_fvu`)."""
+    """``Σ‖x − x̄‖²`` over the batch's rows (the batch FVU's denominator, as
+    :func:`~.objectives.batch_fvu`; AuxK's, of the residual)."""
     return (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 

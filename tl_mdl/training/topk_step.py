@@ -138,8 +138,8 @@ def loss_and_grads(sae: SAE, objective, x: Tensor, lam: float, tolerance: float,
     loss, parts = objective(sae, x, None, x_hat, lam, tolerance)
     if aux is not None:
         aux_loss = (torch.zeros((), dtype=loss.dtype) if dead is None else
-                    aux.loss(sae.W_dec, (xs - x_hat).detach(), aux_values, aux_cols,
-                             total_variance(xs)))
+                    aux.loss(sae.W_dec, residual := (xs - x_hat).detach(), aux_values,
+                             aux_cols, total_variance(residual)))
         loss = loss + aux_loss
         parts = {**parts, "aux": float(aux_loss.detach()),
                  "dead": 0.0 if dead is None else float(dead.numel())}
