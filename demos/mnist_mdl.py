@@ -132,11 +132,20 @@ def make_probe(args, train, test, width: int, seed: int, log: list[dict]):
                          out_dir=args.out / "saes" / f"seed{seed}", lr=args.lr,
                          progress=not args.no_progress, **train_kwargs(args))[0])
         row["k"], row["seed"] = k, seed
+        row["alive"] = alive_latents(row["sae"], test, row["bin_width"])
         log.append(row)
         print(f"  seed {seed} F={width:<5} k={k:<4} DL {row['bits_per_input']:7.1f} bits  "
-              f"FVU_q {row['fvu_quantized']:.3f}", flush=True)
+              f"FVU_q {row['fvu_quantized']:.3f}  alive {row['alive']}", flush=True)
         return row
     return probe
+
+
+def alive_latents(sae, images: torch.Tensor, bin_width: float) -> int:
+    """Latents active on any of ``images`` in the SAE's code at ``bin_width`` (``q != 0``,
+    as the DL counts them): the width the code actually uses. Dead latents cost no bits,
+    so a DL curve can only rise with the width through the latents that stay alive."""
+    q = quantize(encode_all(sae, images), bin_width)
+    return int((q != 0).any(0).sum())
 
 
 def level_rows(args, train, test) -> tuple[list[dict], list[dict]]:
@@ -157,6 +166,7 @@ def level_rows(args, train, test) -> tuple[list[dict], list[dict]]:
                     "bits_k_hi": hi["bits_per_input"] if hi else math.nan,
                     "fvu_q_k_hi": hi["fvu_quantized"] if hi else math.nan,
                     "l0_k_hi": hi["l0"] if hi else math.nan,
+                    "alive_k_hi": hi["alive"] if hi else math.nan,
                     "raw_bits": (hi or lo)["raw_bits"], "_sae": hi["sae"] if hi else None,
                 })
     return trained, table

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from builders import require_hooked_transformer
 
 DEMOS = Path(__file__).resolve().parents[1] / "demos"
@@ -46,7 +47,8 @@ def test_mnist_mdl_demo_small(tmp_path):
         assert (out / f).is_file(), f
     trained = list(csv.DictReader(open(out / "searched.csv")))
     table = list(csv.DictReader(open(out / "dl_vs_width.csv")))
-    assert {"width", "k", "bits_per_input", "fvu_quantized", "l0"} <= set(trained[0])
+    assert {"width", "k", "bits_per_input", "fvu_quantized", "l0", "alive"} <= set(trained[0])
+    assert all(1 <= int(t["alive"]) <= int(t["width"]) for t in trained)
     for r in table:  # k_hi is the smallest trained k meeting the level, k_lo the largest below
         ks = {int(t["k"]): float(t["fvu_quantized"]) for t in trained
               if t["width"] == r["width"] and t["seed"] == r["seed"]}
@@ -64,6 +66,22 @@ def test_mnist_mdl_demo_small(tmp_path):
     check = summary["codec_check"]
     assert check["codec_payload_bits"] == pytest.approx(check["dl"], rel=0.05)
     assert json.loads((out / "summary.json").read_text())["levels"] == [0.5, 0.7]
+
+
+def test_mnist_mdl_alive_latents_are_the_dl_reports_active_ones():
+    """The demo's ``alive`` count is the number of latents the DL charges (``p_active > 0``
+    in :func:`description_length`'s report at the same bin width)."""
+    from tl_mdl import SAEConfig, description_length
+    from tl_mdl.sae import SAE
+
+    demo = _load("mnist_mdl")
+    g = torch.Generator().manual_seed(0)
+    sae = SAE(SAEConfig(d_in=12, d_sae=40, activation="topk", k=3))
+    x = torch.randn(300, 12, generator=g)
+    rep = description_length(sae, x, tolerance=0.01)
+    alive = demo.alive_latents(sae, x, rep.bin_width)
+    assert alive == int((rep.features["p_active"] > 0).sum())
+    assert 0 < alive < 40  # some latents never win a top-3 on these rows
 
 
 @pytest.mark.slow
