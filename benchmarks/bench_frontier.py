@@ -22,7 +22,7 @@ convergence rule (README "Training budget": no ``steps=``, ``max_steps=CAP``): h
 evaluation every 100 steps, converged at the first evaluation where the best of the last 10
 is not 0.5% below the best before them, then the learning rate decays to 0 over another
 quarter of the steps taken; a run not converged by 0.8·CAP decays and stops at CAP. The MDL
-side's TopK warm start ends when its own plateau rule holds (or at 0.2·CAP).
+side's TopK warm start ends when its own plateau rule holds (or at min(0.2·CAP, 2000)).
 
 Both sides hold out the same rows (``min(N // 10, 4096)`` training rows drawn from the
 seed, never trained on), and each case ends with a line per side saying, per run, at which
@@ -338,6 +338,8 @@ def budget_lines(a) -> list[str]:
                 "is not 0.5% below the best before them (after the MDL side's TopK warm "
                 "start)"]
     frac = TrainConfig.lr_decay_frac
+    warm_limit = int(min(TrainConfig.warm_start_frac * a.converge,
+                         TrainConfig.warm_start_max_steps))
     return [f"every run (TopK and MDL) trained until converged, capped at {a.converge} steps "
             f"of {a.batch_size} (train_sae without steps=, max_steps={a.converge})",
             "convergence rule (README 'Training budget'): held-out evaluation every 100 steps "
@@ -346,7 +348,7 @@ def budget_lines(a) -> list[str]:
             f"then decays to 0 over {frac / (1 - frac):g} x the steps taken; not converged by "
             f"{int((1 - frac) * a.converge)} steps: decay, stop at {a.converge} (not "
             "converged). MDL: its TopK warm start ends at the rule (or "
-            f"{int(TrainConfig.warm_start_frac * a.converge)} steps), then the rule restarts"]
+            f"{warm_limit} steps), then the rule restarts"]
 
 
 def lm_case(a) -> tuple[str, torch.Tensor, torch.Tensor, int, tuple[int, ...]]:

@@ -225,3 +225,22 @@ def test_no_sae_meeting_the_threshold_is_a_typed_error_carrying_the_closest_row(
         assert isinstance(info.value, ValueError)  # code catching ValueError keeps working
         assert info.value.best == closest and info.value.fvu_threshold == 0.01
         assert info.value.loss_key == "fvu_quantized"
+
+
+def test_rows_stored_before_warm_start_max_steps_are_reused_only_where_it_changes_nothing():
+    """A row stored without ``warm_start_max_steps`` warmed up for ``warm_start_frac ·
+    max_steps`` steps: the same training as today's where that is at most the new limit
+    (or the budget is explicit, or the objective has no warm start), not otherwise."""
+    from tl_mdl.training.sweep import row_settings
+
+    cfg = SAEConfig(d_in=8, d_sae=16)
+
+    def has_field(objective, **train_kwargs):
+        s = row_settings(cfg, objective, 1e-3, 0, train_kwargs, 0.01, None, None)
+        return "warm_start_max_steps" in s["train"]
+
+    assert has_field("mdl", max_steps=20_000)  # 0.2 · 20,000 = 4,000 warm steps then
+    assert not has_field("mdl", max_steps=10_000)  # 2,000: the same as today
+    assert not has_field("mdl", steps=50_000)  # an explicit budget: frac · steps, as before
+    assert not has_field("topk", max_steps=20_000)  # no warm start
+    assert has_field("mdl", max_steps=10_000, warm_start_max_steps=500)  # asked for

@@ -147,3 +147,31 @@ def test_a_checkpoint_keeps_its_settings_when_the_defaults_change(tmp_path, monk
     monkeypatch.setattr(CodeLengthObjective, "warm_start", "topk")
     resumed = train_sae(x, cfg, "mdl", checkpoint_dir=tmp_path, checkpoint_every=10, **_RUN)
     _assert_same_weights(whole.sae, resumed)
+
+
+def test_warm_start_ends_by_warm_start_max_steps_whatever_the_cap():
+    """Until converged, the warm start ends at its plateau rule, at ``warm_start_frac ·
+    max_steps``, or after ``warm_start_max_steps`` steps, whichever comes first: a larger
+    cap does not lengthen it. Rows of a fixed dictionary keep the TopK improving for a
+    while; held-out evaluations every 10 steps show where the warm phase stopped."""
+    g = torch.Generator().manual_seed(0)
+    d = torch.nn.functional.normalize(torch.randn(32, 16, generator=g), dim=1)
+    codes = torch.rand(2048, 32, generator=g) * (torch.rand(2048, 32, generator=g) < 0.1)
+    x = codes @ d
+    kw = dict(objective="mdl", target_fvu=0.3, batch_size=64, eval_every=10, lr=3e-3,
+              progress=False, return_history=True, seed=0)
+    ends = {}
+    for cap, warm_max in ((1000, 40), (2000, 40), (1000, 10**6)):
+        res = train_sae(x, SAEConfig(d_in=16, d_sae=32), max_steps=cap,
+                        warm_start_max_steps=warm_max, **kw)
+        ends[cap, warm_max] = max(e["step"] for e in res.evaluations if e["warm"])
+        assert res.sae.cfg.metadata["training"]["warm_start_max_steps"] == warm_max
+    assert ends[1000, 40] == ends[2000, 40] <= 40  # the cap no longer lengthens it
+    assert ends[1000, 10**6] > 40  # without it: the rule or 0.2 · 1000
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "2000"])
+def test_bad_warm_start_max_steps_is_refused(bad):
+    with pytest.raises(ValueError, match="warm_start_max_steps must be an int >= 0"):
+        train_sae(torch.randn(64, 4), SAEConfig(d_in=4, d_sae=8), "mdl",
+                  warm_start_max_steps=bad, steps=2, progress=False)

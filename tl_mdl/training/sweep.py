@@ -172,14 +172,25 @@ def row_settings(
                 LEGACY_OBJECTIVE_SETTINGS[k]):  # rows stored without it were trained so
             tc[k] = default
     defaults = asdict(TrainConfig())
+    keep = {"warm_start_max_steps"} if _warm_cap_binds(tc, entry) else set()
     for k in NEW_FIELDS:  # absent in rows stored before they existed: same training
-        if k in tc and tc[k] == defaults[k]:
+        if k in tc and tc[k] == defaults[k] and k not in keep:
             tc.pop(k)
     settings = {
         "train": {"sae_cfg": asdict(cfg), **tc, "data": train_data},
         "score": {"tolerance": tolerance, "data": eval_data},
     }
     return json.loads(json.dumps(settings, default=repr))  # as read back from scores.json
+
+
+def _warm_cap_binds(tc: dict[str, Any], entry: Any) -> bool:
+    """Whether ``warm_start_max_steps`` shortens this run's warm start: until converged,
+    with a warm-starting objective, ``warm_start_frac · max_steps`` above it. Rows stored
+    before the field existed warmed up for ``warm_start_frac · max_steps`` steps, so then
+    they are not rows of today's training (elsewhere the field changes nothing)."""
+    return (bool(tc.get("until_converged"))
+            and getattr(entry, "warm_start", None) is not None
+            and tc["warm_start_frac"] * tc["max_steps"] > tc["warm_start_max_steps"])
 
 
 def reuse_or_train(
