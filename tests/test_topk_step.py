@@ -79,7 +79,7 @@ def test_sparse_step_trains_the_dense_trajectory_in_float64(monkeypatch) -> None
     calls = []
     real = topk_step.loss_and_grads
     monkeypatch.setattr(topk_step, "loss_and_grads",
-                        lambda *a: calls.append(1) or real(*a))
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     fast = train_sae(x, cfg, "topk", **kw)
     assert len(calls) == 40
     monkeypatch.setattr(topk_step, "applies", lambda sae, fn: False)
