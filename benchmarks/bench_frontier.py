@@ -68,6 +68,7 @@ from tl_mdl import SAEConfig, description_length, train_sae  # noqa: E402
 from tl_mdl.mdl import frontier_bits_at  # noqa: E402
 from tl_mdl.training import TrainConfig  # noqa: E402
 from tl_mdl.training.code_length import CodeLengthObjective  # noqa: E402
+from tl_mdl.training.config import warm_start_limit  # noqa: E402
 
 TOLERANCE = 0.01
 LEVELS = (0.15, 0.25)  # the fidelity levels (FVU_q) at which the frontiers are compared
@@ -338,8 +339,8 @@ def budget_lines(a) -> list[str]:
                 "is not 0.5% below the best before them (after the MDL side's TopK warm "
                 "start)"]
     frac = TrainConfig.lr_decay_frac
-    warm_limit = int(min(TrainConfig.warm_start_frac * a.converge,
-                         TrainConfig.warm_start_max_steps))
+    warm_limit = int(warm_start_limit(TrainConfig.warm_start_frac, a.converge,
+                                      TrainConfig.warm_start_max_steps))
     return [f"every run (TopK and MDL) trained until converged, capped at {a.converge} steps "
             f"of {a.batch_size} (train_sae without steps=, max_steps={a.converge})",
             "convergence rule (README 'Training budget'): held-out evaluation every 100 steps "

@@ -57,6 +57,13 @@ class TrainConfig:
     dead_steps: int = DEFAULT_DEAD_STEPS  # steps without firing after which a latent is dead
 
 
+def warm_start_limit(warm_start_frac: float, max_steps: int,
+                     warm_start_max_steps: int) -> float:
+    """Until converged: the step by which the warm start ends at the latest (its plateau
+    rule may end it sooner), ``min(warm_start_frac · max_steps, warm_start_max_steps)``."""
+    return min(warm_start_frac * max_steps, warm_start_max_steps)
+
+
 #: TrainConfig fields added after checkpoints and sweep folders already existed: a stored
 #: config without them means their defaults
 NEW_FIELDS = ("target_fvu", "until_converged", "max_steps", "eval_every", "patience",
@@ -190,6 +197,6 @@ def check_aux_k_sae(tc: TrainConfig, cfg: object) -> None:
             "SAEConfig(activation='topk', k=...), or drop aux_k")
 
 
-__all__ = ["TrainConfig", "TrainResult", "NEW_FIELDS", "OBJECTIVE_SETTINGS",
+__all__ = ["TrainConfig", "TrainResult", "NEW_FIELDS", "warm_start_limit", "OBJECTIVE_SETTINGS",
            "LEGACY_OBJECTIVE_SETTINGS", "STRAIGHT_THROUGHS", "WARM_STARTS", "DEFAULT_MAX_STEPS",
            "check_arguments", "check_aux_k_sae"]

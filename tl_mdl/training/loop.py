@@ -30,7 +30,7 @@ from tl_mdl.training.checkpointing import (
     restore,
     save_checkpoint,
 )
-from tl_mdl.training.config import OBJECTIVE_SETTINGS, TrainConfig, TrainResult
+from tl_mdl.training.config import OBJECTIVE_SETTINGS, TrainConfig, TrainResult, warm_start_limit
 from tl_mdl.training.convergence import FidelityTarget, PlateauRule
 from tl_mdl.training.objectives import Objective, make_objective
 
@@ -296,8 +296,8 @@ class Run:
         if stalled and not warm and self.converged_at is None:
             self.converged_at = done
         if self.warm and self.warm_end is None:
-            if stalled or done >= min(self.tc.warm_start_frac * self.tc.max_steps,
-                                      self.tc.warm_start_max_steps):
+            if stalled or done >= warm_start_limit(self.tc.warm_start_frac, self.tc.max_steps,
+                                                   self.tc.warm_start_max_steps):
                 self.end_warm_start(done, x)
             return
         if self.tc.until_converged and self.decay_start is None:
